@@ -1,0 +1,298 @@
+//! Backend adapters: what the gateway core talks to, without ever naming a broker.
+//!
+//! A backend is one folder here plus one variant of [`BackendConfig`]. The core hands it
+//! *upstream subscriptions* (one per distinct topic filter, shared by every socket on it) and
+//! *publishes*; the backend delivers broker messages to each subscription's [`MessageSink`] and
+//! reports its connection state through [`Backend::health`]. Adding a broker touches only its
+//! folder and the registration lines in this file.
+
+pub mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::{ConfigProblem, RouteConfig};
+use crate::routing::TopicSyntax;
+
+/// Identifies one upstream subscription for the life of the process.
+pub type UpstreamId = u64;
+
+/// Position of a message in a partitioned log (Kafka).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Where a subscription starts reading, for backends that keep a log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StartPosition {
+    /// Only messages published from now on (the default, and the only choice without a log).
+    #[default]
+    Latest,
+    Earliest,
+    /// The first message at or after this time (ms since the Unix epoch).
+    Timestamp(i64),
+    /// The next offset to read, per partition.
+    Offsets(Vec<(i32, i64)>),
+}
+
+/// A message received from a broker.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerMessage {
+    /// Topic in the backend's syntax (MQTT topic, AMQP routing key, Kafka topic).
+    pub topic: String,
+    pub payload: Bytes,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Option<i64>,
+    pub position: Option<Position>,
+}
+
+/// Events a backend reports for one upstream subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionEvent {
+    /// Messages between the requested start and what the broker still holds are gone.
+    Gap {
+        partition: i32,
+        requested: i64,
+        available: i64,
+    },
+}
+
+/// Where a backend delivers messages for one upstream subscription. Delivery never blocks: the
+/// fan-out behind it queues per client and applies the slow-consumer policy.
+pub trait MessageSink: Send + Sync {
+    fn deliver(&self, message: BrokerMessage);
+    fn event(&self, event: SubscriptionEvent);
+}
+
+/// An upstream subscription requested by the core.
+#[derive(Clone)]
+pub struct Subscription {
+    pub id: UpstreamId,
+    /// Index of the route (in config order) the subscription came through.
+    pub route: usize,
+    /// Topic filter in the backend's syntax.
+    pub filter: String,
+    /// Exact message key to deliver, when the route is key-routed and the pattern names one key.
+    pub key: Option<String>,
+    pub start: StartPosition,
+    pub sink: Arc<dyn MessageSink>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("route", &self.route)
+            .field("filter", &self.filter)
+            .field("key", &self.key)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client publish, mapped to the backend's terms.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub route: usize,
+    pub topic: String,
+    pub key: Option<String>,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+    pub partition: Option<i32>,
+}
+
+/// What the broker said about an accepted publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishReceipt {
+    pub position: Option<Position>,
+}
+
+/// Connection state of a backend, as shown in `status` frames and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down { reason: String },
+}
+
+impl Health {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Health::Up)
+    }
+}
+
+/// Why a backend operation failed. Each kind maps to a documented client error code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// Not connected to the broker right now; retrying later may work.
+    #[error("backend is unavailable: {0}")]
+    Unavailable(String),
+    /// The broker did not answer in time; the outcome is unknown.
+    #[error("backend did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The broker refused this request (e.g. unroutable message, unknown topic).
+    #[error("{message}")]
+    Rejected { code: &'static str, message: String },
+    /// The request uses something this backend cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Any other broker or adapter failure.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// The client error code for this failure (see docs/PROTOCOL.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            BackendError::Unavailable(_) => "backend_unavailable",
+            BackendError::Timeout(_) => "backend_timeout",
+            BackendError::Rejected { code, .. } => code,
+            BackendError::Unsupported(_) => "unsupported",
+            BackendError::Failed(_) => "backend_error",
+        }
+    }
+}
+
+/// A running backend adapter.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Starts delivering messages matching `subscription.filter` to its sink. Called once per
+    /// distinct upstream; the core shares it between sockets.
+    async fn subscribe(&self, subscription: Subscription) -> Result<(), BackendError>;
+
+    /// Stops an upstream subscription; no message is delivered to its sink afterwards.
+    async fn unsubscribe(&self, id: UpstreamId) -> Result<(), BackendError>;
+
+    /// Publishes one message; resolves when the broker has accepted it (as far as the backend's
+    /// delivery settings promise).
+    async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError>;
+
+    /// Connection state, updated as it changes.
+    fn health(&self) -> watch::Receiver<Health>;
+
+    /// Number of upstream subscriptions the broker currently holds for this backend.
+    fn upstream_count(&self) -> usize;
+
+    /// Closes broker connections; called once on shutdown.
+    async fn close(&self);
+}
+
+/// What a backend gets when it is built.
+pub struct BuildContext<'a> {
+    /// The backend's name in the config.
+    pub name: &'a str,
+    /// The routes that name this backend, with their index in config order.
+    pub routes: Vec<(usize, &'a RouteConfig)>,
+}
+
+/// The `[backends.NAME]` table; `type` selects the variant.
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    Memory(memory::MemoryConfig),
+}
+
+impl BackendConfig {
+    /// Parses a backend table, recording problems under `path`.
+    pub fn from_toml(
+        value: toml::Value,
+        path: &str,
+        problems: &mut Vec<ConfigProblem>,
+    ) -> Option<Self> {
+        let toml::Value::Table(mut table) = value else {
+            problems.push(ConfigProblem::new(
+                path,
+                "must be a table with a `type` key",
+            ));
+            return None;
+        };
+        let kind = match table.remove("type") {
+            Some(toml::Value::String(kind)) => kind,
+            Some(_) => {
+                problems.push(ConfigProblem::new(
+                    format!("{path}.type"),
+                    "must be a string",
+                ));
+                return None;
+            }
+            None => {
+                problems.push(ConfigProblem::new(
+                    format!("{path}.type"),
+                    format!("missing; one of: {}", Self::TYPES.join(", ")),
+                ));
+                return None;
+            }
+        };
+        let table = toml::Value::Table(table);
+        let section = crate::config::deserialize_section;
+        match kind.as_str() {
+            "memory" => section(table, path, problems).map(BackendConfig::Memory),
+            other => {
+                problems.push(ConfigProblem::new(
+                    format!("{path}.type"),
+                    format!(
+                        "unknown backend type {other:?}; one of: {}",
+                        Self::TYPES.join(", ")
+                    ),
+                ));
+                None
+            }
+        }
+    }
+
+    /// Every `type` value, for error messages.
+    pub const TYPES: &'static [&'static str] = &["memory"];
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BackendConfig::Memory(_) => "memory",
+        }
+    }
+
+    /// How this backend spells topics, for route templates.
+    pub fn topic_syntax(&self) -> TopicSyntax {
+        match self {
+            BackendConfig::Memory(_) => TopicSyntax::SLASH,
+        }
+    }
+
+    /// Whether routes to this backend may have a `key` template.
+    pub fn supports_keys(&self) -> bool {
+        match self {
+            BackendConfig::Memory(_) => false,
+        }
+    }
+
+    /// Checks the backend-specific options of a route (`path` is the route's path).
+    pub fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
+        match self {
+            BackendConfig::Memory(_) => {
+                for key in route.options.keys() {
+                    problems.push(ConfigProblem::new(
+                        format!("{path}.{key}"),
+                        "unknown key (memory routes have no backend options)",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Starts the adapter. Connecting happens in the background: a broker that is down at start
+    /// makes the backend report `Down` and retry, it does not stop the gateway.
+    pub async fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
+        match self {
+            BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The `[server]` table: listener address and per-connection limits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ConfigProblem;
+
+/// Largest `max_message_size` accepted.
+const MAX_MESSAGE_SIZE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// The `[server]` table. Every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Address the WebSocket and HTTP listener binds to.
+    pub listen: SocketAddr,
+    /// Time a client has to send a complete HTTP upgrade request.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Interval of WebSocket pings sent to each client.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest WebSocket message accepted from a client, in bytes; larger closes with 1009.
+    pub max_message_size: usize,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Outgoing messages queued per connection before the route's `slow_consumer` policy applies.
+    pub queue_capacity: usize,
+    /// Most publishes per connection waiting for the broker's acknowledgement at once; further
+    /// frames from that client are read only when one completes.
+    pub max_inflight_publishes: usize,
+    /// Longest wait for a backend to acknowledge a subscribe or publish before the client gets
+    /// `backend_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long clients get to close after the 1001 close frame.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            max_message_size: 1024 * 1024,
+            max_subscriptions: 100,
+            queue_capacity: 1024,
+            max_inflight_publishes: 64,
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self, problems: &mut Vec<ConfigProblem>) {
+        let mut positive = |key: &str, ok: bool| {
+            if !ok {
+                problems.push(ConfigProblem::new(
+                    format!("server.{key}"),
+                    "must be greater than zero",
+                ));
+            }
+        };
+        positive("handshake_timeout", !self.handshake_timeout.is_zero());
+        positive("ping_interval", !self.ping_interval.is_zero());
+        positive("idle_timeout", !self.idle_timeout.is_zero());
+        positive("max_message_size", self.max_message_size > 0);
+        positive("max_subscriptions", self.max_subscriptions > 0);
+        positive("queue_capacity", self.queue_capacity > 0);
+        positive("max_inflight_publishes", self.max_inflight_publishes > 0);
+        positive("request_timeout", !self.request_timeout.is_zero());
+        if self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {
+            problems.push(ConfigProblem::new(
+                "server.max_message_size",
+                format!(
+                    "{} is above the limit of {MAX_MESSAGE_SIZE_LIMIT} bytes",
+                    self.max_message_size
+                ),
+            ));
+        }
+        if self.idle_timeout <= self.ping_interval {
+            problems.push(ConfigProblem::new(
+                "server.idle_timeout",
+                format!(
+                    "{} must be longer than server.ping_interval ({}), or every client times out",
+                    humantime::format_duration(self.idle_timeout),
+                    humantime::format_duration(self.ping_interval)
+                ),
+            ));
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The routing/fan-out core: shared upstream subscriptions and client publishes.
+//!
+//! The [`Hub`] keeps one upstream subscription per distinct (backend, route, topic filter, key),
+//! reference-counted by the sockets on it: the first subscriber creates it at the backend, the
+//! last one to leave releases it. Broker messages flow backend → [`upstream::Fanout`] → outboxes
+//! without passing through the hub. Publishes are routed, authorised and transformed here, then
+//! handed to the backend. The hub also turns backend health changes into `status` frames.
+
+pub mod upstream;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, Principal};
+use crate::backends::{
+    Backend, BackendError, Health, Publish, PublishReceipt, StartPosition, Subscription, UpstreamId,
+};
+use crate::config::Operation;
+use crate::metrics::{BackendMetrics, Metrics};
+use crate::routing::{ChannelPattern, RenderError, Route, RouteError, Router};
+use crate::session::protocol::{Reply, Status};
+use crate::transform::ClientPayload;
+use upstream::{Fanout, Member};
+
+/// A request the core refused or a backend failed, with its documented client error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct RequestError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl RequestError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        RequestError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RouteError> for RequestError {
+    fn from(e: RouteError) -> Self {
+        let code = match &e {
+            RouteError::NoRoute(_) => "no_route",
+            RouteError::ClaimMismatch(_) => "forbidden",
+            RouteError::Render {
+                error: RenderError::WildcardUnsupported { .. },
+                ..
+            } => "unsupported_pattern",
+            RouteError::Render {
+                error: RenderError::MissingClaim(_),
+                ..
+            } => "forbidden",
+            RouteError::Render { .. } => "invalid_channel",
+        };
+        RequestError::new(code, e.to_string())
+    }
+}
+
+impl From<BackendError> for RequestError {
+    fn from(e: BackendError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<auth::Denied> for RequestError {
+    fn from(e: auth::Denied) -> Self {
+        RequestError::new("forbidden", e.0)
+    }
+}
+
+struct BackendSlot {
+    name: String,
+    backend: Arc<dyn Backend>,
+    metrics: BackendMetrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct UpstreamKey {
+    backend: usize,
+    route: usize,
+    filter: String,
+    key: Option<String>,
+    /// Non-zero for subscriptions with their own start position, which are never shared.
+    private: u64,
+}
+
+struct Upstream {
+    id: UpstreamId,
+    key: UpstreamKey,
+    start: StartPosition,
+    fanout: Arc<Fanout>,
+    /// Whether the backend holds this subscription; also serialises subscribe/unsubscribe.
+    subscribed: tokio::sync::Mutex<bool>,
+}
+
+/// A client's membership in an upstream subscription.
+pub struct SubscriptionHandle {
+    upstream: Arc<Upstream>,
+    route: Arc<Route>,
+    pattern: ChannelPattern,
+}
+
+impl SubscriptionHandle {
+    pub fn pattern(&self) -> &ChannelPattern {
+        &self.pattern
+    }
+}
+
+/// A routed, authorised and transformed publish, ready for its backend.
+pub struct PreparedPublish {
+    backend: usize,
+    publish: Publish,
+}
+
+/// The fan-out core shared by every connection.
+pub struct Hub {
+    router: Router,
+    backends: Vec<BackendSlot>,
+    upstreams: Mutex<HashMap<UpstreamKey, Arc<Upstream>>>,
+    next_id: AtomicU64,
+    request_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    /// A hub over built backends, given in the router's backend order.
+    pub fn new(
+        router: Router,
+        backends: Vec<(String, Arc<dyn Backend>)>,
+        request_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let backends = backends
+            .into_iter()
+            .map(|(name, backend)| BackendSlot {
+                metrics: metrics.backend(&name),
+                name,
+                backend,
+            })
+            .collect();
+        Hub {
+            router,
+            backends,
+            upstreams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            request_timeout,
+            metrics,
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<UpstreamKey, Arc<Upstream>>> {
+        self.upstreams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether every backend is connected.
+    pub fn is_ready(&self) -> bool {
+        self.backends
+            .iter()
+            .all(|b| b.backend.health().borrow().is_up())
+    }
+
+    /// Each backend's name and health, in config order.
+    pub fn backend_health(&self) -> Vec<(String, Health)> {
+        self.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.backend.health().borrow().clone()))
+            .collect()
+    }
+
+    /// Subscribes a connection to a client pattern, sharing an upstream subscription with every
+    /// other connection on the same filter.
+    pub async fn subscribe(
+        &self,
+        member: Member,
+        pattern: ChannelPattern,
+        start: StartPosition,
+        principal: &Principal,
+    ) -> Result<SubscriptionHandle, RequestError> {
+        let resolved = self.router.resolve(&pattern, principal)?;
+        auth::authorize(principal, Operation::Subscribe, &resolved.route, &pattern)?;
+        let route = resolved.route;
+        let slot = &self.backends[route.backend];
+        let private = match start {
+            StartPosition::Latest => 0,
+            _ => self.next_id.fetch_add(1, Ordering::Relaxed),
+        };
+        let key = UpstreamKey {
+            backend: route.backend,
+            route: route.index,
+            filter: resolved.topic.text,
+            key: resolved.key,
+            private,
+        };
+        let session = member.session;
+        let upstream = {
+            let mut table = self.table();
+            let upstream = table.entry(key.clone()).or_insert_with(|| {
+                Arc::new(Upstream {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    key,
+                    start,
+                    fanout: Arc::new(Fanout::new(slot.metrics.clone(), self.metrics.clone())),
+                    subscribed: tokio::sync::Mutex::new(false),
+                })
+            });
+            upstream.fanout.add(&route, &pattern, member);
+            upstream.clone()
+        };
+        let handle = SubscriptionHandle {
+            upstream,
+            route,
+            pattern,
+        };
+
+        let upstream = handle.upstream.clone();
+        let mut subscribed = upstream.subscribed.lock().await;
+        if !*subscribed {
+            let request = Subscription {
+                id: upstream.id,
+                route: upstream.key.route,
+                filter: upstream.key.filter.clone(),
+                key: upstream.key.key.clone(),
+                start: upstream.start.clone(),
+                sink: upstream.fanout.clone(),
+            };
+            let result =
+                tokio::time::timeout(self.request_timeout, slot.backend.subscribe(request))
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout(self.request_timeout)));
+            match result {
+                Ok(()) => {
+                    *subscribed = true;
+                    slot.metrics.upstreams.inc();
+                }
+                Err(e) => {
+                    if matches!(e, BackendError::Timeout(_)) {
+                        // The broker may still complete it; make sure it does not linger.
+                        let _ = slot.backend.unsubscribe(upstream.id).await;
+                    }
+                    drop(subscribed);
+                    self.release(&handle, session).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        drop(subscribed);
+        Ok(handle)
+    }
+
+    /// Ends a connection's membership; the upstream is released with its last member.
+    pub async fn unsubscribe(&self, handle: SubscriptionHandle, session: u64) {
+        self.release(&handle, session).await;
+    }
+
+    async fn release(&self, handle: &SubscriptionHandle, session: u64) {
+        let upstream = &handle.upstream;
+        if upstream
+            .fanout
+            .remove(&handle.route, &handle.pattern, session)
+            > 0
+        {
+            return;
+        }
+        let slot = &self.backends[upstream.key.backend];
+        let mut subscribed = upstream.subscribed.lock().await;
+        if upstream.fanout.member_count() > 0 {
+            return;
+        }
+        if *subscribed {
+            let result =
+                tokio::time::timeout(self.request_timeout, slot.backend.unsubscribe(upstream.id))
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout(self.request_timeout)));
+            if let Err(e) = result {
+                tracing::warn!(backend = %slot.name, filter = %upstream.key.filter, error = %e, "upstream unsubscribe failed");
+            }
+            *subscribed = false;
+            slot.metrics.upstreams.dec();
+        }
+        let mut table = self.table();
+        let same = table
+            .get(&upstream.key)
+            .is_some_and(|u| Arc::ptr_eq(u, upstream));
+        if same && upstream.fanout.member_count() == 0 {
+            table.remove(&upstream.key);
+        }
+    }
+
+    /// Routes, authorises and transforms a publish.
+    pub fn prepare_publish(
+        &self,
+        principal: &Principal,
+        channel: &ChannelPattern,
+        payload: ClientPayload,
+        key: Option<String>,
+        headers: Vec<(String, String)>,
+        partition: Option<i32>,
+    ) -> Result<PreparedPublish, RequestError> {
+        let resolved = self.router.resolve(channel, principal)?;
+        auth::authorize(principal, Operation::Publish, &resolved.route, channel)?;
+        let route = &resolved.route;
+        let key = match (resolved.key, key) {
+            (Some(routed), Some(given)) if routed != given => {
+                return Err(RequestError::new(
+                    "invalid_frame",
+                    format!(
+                        "key {given:?} conflicts with the key {routed:?} this channel's route sets"
+                    ),
+                ));
+            }
+            (Some(routed), _) => Some(routed),
+            (None, given) => given,
+        };
+        Ok(PreparedPublish {
+            backend: route.backend,
+            publish: Publish {
+                route: route.index,
+                topic: resolved.topic.text,
+                key,
+                payload: route.format.to_broker(payload),
+                headers,
+                partition,
+            },
+        })
+    }
+
+    /// Hands a prepared publish to its backend and waits for the broker's acknowledgement.
+    pub async fn publish(&self, prepared: PreparedPublish) -> Result<PublishReceipt, RequestError> {
+        let slot = &self.backends[prepared.backend];
+        let result =
+            tokio::time::timeout(self.request_timeout, slot.backend.publish(prepared.publish))
+                .await
+                .unwrap_or(Err(BackendError::Timeout(self.request_timeout)));
+        match &result {
+            Ok(_) => slot.metrics.publishes_ok.inc(),
+            Err(_) => slot.metrics.publishes_failed.inc(),
+        }
+        result.map_err(RequestError::from)
+    }
+
+    /// Watches every backend's health until `shutdown`, sending `backend_down`/`backend_up`
+    /// status frames to the connections subscribed through it.
+    pub async fn watch_health(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut watchers = tokio::task::JoinSet::new();
+        for index in 0..self.backends.len() {
+            let hub = self.clone();
+            let shutdown = shutdown.clone();
+            watchers.spawn(async move {
+                let mut health: watch::Receiver<Health> = hub.backends[index].backend.health();
+                let mut was_up = health.borrow_and_update().is_up();
+                hub.backends[index].metrics.up.set(was_up as i64);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        changed = health.changed() => if changed.is_err() { return },
+                    }
+                    let now = health.borrow_and_update().clone();
+                    if now.is_up() != was_up {
+                        was_up = now.is_up();
+                        hub.backends[index].metrics.up.set(was_up as i64);
+                        hub.announce_health(index, &now);
+                    }
+                }
+            });
+        }
+        while watchers.join_next().await.is_some() {}
+    }
+
+    fn announce_health(&self, index: usize, health: &Health) {
+        let name = &self.backends[index].name;
+        let (code, message) = match health {
+            Health::Up => ("backend_up", format!("backend {name} is connected again")),
+            Health::Down { reason } => (
+                "backend_down",
+                format!("backend {name} is unavailable: {reason}"),
+            ),
+        };
+        match health {
+            Health::Up => tracing::info!(backend = %name, "backend up"),
+            Health::Down { reason } => tracing::warn!(backend = %name, %reason, "backend down"),
+        }
+        let upstreams: Vec<Arc<Upstream>> = self
+            .table()
+            .values()
+            .filter(|u| u.key.backend == index)
+            .cloned()
+            .collect();
+        let mut sessions: HashMap<u64, (Member, Vec<String>)> = HashMap::new();
+        for upstream in upstreams {
+            for (member, pattern) in upstream.fanout.memberships() {
+                sessions
+                    .entry(member.session)
+                    .or_insert_with(|| (member, Vec::new()))
+                    .1
+                    .push(pattern);
+            }
+        }
+        for (member, mut patterns) in sessions.into_values() {
+            patterns.sort();
+            patterns.dedup();
+            member.outbox.push_reply(Reply::Status(Status {
+                code,
+                message: message.clone(),
+                backend: Some(name.clone()),
+                subscriptions: patterns,
+                ..Status::default()
+            }));
+        }
+    }
+
+    /// Closes every backend.
+    pub async fn close(&self) {
+        for slot in &self.backends {
+            slot.backend.close().await;
+        }
+    }
+
+    /// Distinct upstream subscriptions held per backend, by name (for introspection).
+    pub fn upstream_counts(&self) -> Vec<(String, usize)> {
+        self.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.backend.upstream_count()))
+            .collect()
+    }
+
+    /// Sessions subscribed per upstream (for tests and introspection).
+    pub fn sessions_per_upstream(&self) -> Vec<usize> {
+        let mut seen = HashSet::new();
+        self.table()
+            .values()
+            .filter(|u| seen.insert(u.id))
+            .map(|u| u.fanout.member_count())
+            .collect()
+    }
+}

@@ -1,0 +1,188 @@
+//! One upstream subscription and the sockets sharing it.
+//!
+//! A [`Fanout`] is the [`MessageSink`] a backend delivers to. Its subscribers are grouped by
+//! (route, client pattern); for each group a broker message is mapped back to a client channel,
+//! filtered against the pattern, transformed once and encoded once per protocol, and the encoded
+//! frame is pushed to every member's outbox. Pushing never blocks.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::ws::Message;
+
+use crate::backends::{BrokerMessage, MessageSink, SubscriptionEvent};
+use crate::metrics::{BackendMetrics, Metrics};
+use crate::routing::{ChannelPattern, Route};
+use crate::session::outbox::{Outbox, Pushed};
+use crate::session::protocol::{Delivery, Protocol, Reply, Status};
+
+/// A connection subscribed through an upstream.
+#[derive(Clone)]
+pub struct Member {
+    pub session: u64,
+    pub outbox: Arc<Outbox>,
+    pub protocol: Protocol,
+}
+
+struct Group {
+    route: Arc<Route>,
+    pattern: ChannelPattern,
+    members: Vec<Member>,
+}
+
+/// The subscribers of one upstream subscription.
+pub struct Fanout {
+    groups: RwLock<Vec<Group>>,
+    metrics: BackendMetrics,
+    global: Arc<Metrics>,
+}
+
+impl Fanout {
+    pub fn new(metrics: BackendMetrics, global: Arc<Metrics>) -> Self {
+        Fanout {
+            groups: RwLock::new(Vec::new()),
+            metrics,
+            global,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Group>> {
+        self.groups.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Group>> {
+        self.groups.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a member under (route, pattern); returns the member count afterwards.
+    pub fn add(&self, route: &Arc<Route>, pattern: &ChannelPattern, member: Member) -> usize {
+        let mut groups = self.write();
+        match groups
+            .iter_mut()
+            .find(|g| Arc::ptr_eq(&g.route, route) && g.pattern == *pattern)
+        {
+            Some(group) => group.members.push(member),
+            None => groups.push(Group {
+                route: route.clone(),
+                pattern: pattern.clone(),
+                members: vec![member],
+            }),
+        }
+        groups.iter().map(|g| g.members.len()).sum()
+    }
+
+    /// Removes a session's membership under (route, pattern); returns the member count afterwards.
+    pub fn remove(&self, route: &Arc<Route>, pattern: &ChannelPattern, session: u64) -> usize {
+        let mut groups = self.write();
+        if let Some(pos) = groups
+            .iter()
+            .position(|g| Arc::ptr_eq(&g.route, route) && g.pattern == *pattern)
+        {
+            groups[pos].members.retain(|m| m.session != session);
+            if groups[pos].members.is_empty() {
+                groups.swap_remove(pos);
+            }
+        }
+        groups.iter().map(|g| g.members.len()).sum()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.read().iter().map(|g| g.members.len()).sum()
+    }
+
+    /// Sends a status frame to every member, once per session, naming its patterns here.
+    pub fn notify(&self, status: &Status, seen: &mut HashSet<u64>) {
+        for group in self.read().iter() {
+            for member in &group.members {
+                if seen.insert(member.session) {
+                    let mut status = status.clone();
+                    status.subscriptions = vec![group.pattern.to_string()];
+                    member.outbox.push_reply(Reply::Status(status));
+                }
+            }
+        }
+    }
+
+    /// The (session, pattern) pairs subscribed here.
+    pub fn memberships(&self) -> Vec<(Member, String)> {
+        self.read()
+            .iter()
+            .flat_map(|g| {
+                g.members
+                    .iter()
+                    .map(move |m| (m.clone(), g.pattern.to_string()))
+            })
+            .collect()
+    }
+}
+
+impl MessageSink for Fanout {
+    fn deliver(&self, message: BrokerMessage) {
+        self.metrics.broker_messages.inc();
+        let groups = self.read();
+        let mut mapped = false;
+        for group in groups.iter() {
+            let Some(channel) = group
+                .route
+                .channel_for(&message.topic, message.key.as_deref())
+            else {
+                continue;
+            };
+            mapped = true;
+            if !group.pattern.matches(&channel) {
+                continue;
+            }
+            let payload = group.route.format.to_client(&message.payload);
+            let delivery = Delivery {
+                channel: &channel,
+                subscription: group.pattern.as_str(),
+                payload: &payload,
+                message: &message,
+            };
+            let mut encoded: [Option<Message>; 1] = [None];
+            for member in &group.members {
+                let slot = match member.protocol {
+                    Protocol::Json => &mut encoded[0],
+                };
+                let frame = slot
+                    .get_or_insert_with(|| member.protocol.encode_delivery(&delivery))
+                    .clone();
+                match member.outbox.push_message(frame, group.route.slow_consumer) {
+                    Pushed::Queued => self.metrics.deliveries.inc(),
+                    Pushed::DroppedOldest => {
+                        self.metrics.deliveries.inc();
+                        self.metrics.dropped.inc();
+                    }
+                    Pushed::Disconnected => self.global.slow_consumer_disconnects.inc(),
+                    Pushed::Closed => {}
+                }
+            }
+        }
+        if !mapped && !groups.is_empty() {
+            self.metrics.unmapped.inc();
+            tracing::debug!(topic = %message.topic, "broker message maps to no client channel");
+        }
+    }
+
+    fn event(&self, event: SubscriptionEvent) {
+        let status = match event {
+            SubscriptionEvent::Gap {
+                partition,
+                requested,
+                available,
+            } => Status {
+                code: "gap",
+                message: format!(
+                    "messages from offset {requested} to {} of partition {partition} are no longer held by the broker; continuing at {available}",
+                    available - 1
+                ),
+                partition: Some(partition),
+                requested_offset: Some(requested),
+                available_offset: Some(available),
+                ..Status::default()
+            },
+        };
+        let mut seen = HashSet::new();
+        self.notify(&status, &mut seen);
+    }
+}

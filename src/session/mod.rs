@@ -1,0 +1,381 @@
+//! The socket side: one client connection from upgrade to close.
+//!
+//! A session is a reader and a writer over the same WebSocket. The reader decodes requests,
+//! runs subscribes and unsubscribes in order, starts publishes (up to
+//! `server.max_inflight_publishes` at once, each answered when its broker acknowledges it) and
+//! watches the idle timeout and the shutdown signal. The writer drains the connection's
+//! [`outbox::Outbox`] in batches (many frames, one flush) and sends keepalive pings. Both are
+//! written over `Sink + Stream`, so tests can drive a session without a network.
+
+pub mod outbox;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message};
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+use crate::config::ServerConfig;
+use crate::fanout::upstream::Member;
+use crate::fanout::{Hub, SubscriptionHandle};
+use crate::routing::ChannelPattern;
+use outbox::{Drained, OutItem, Outbox};
+use protocol::{PositionJson, Protocol, ProtocolError, Reply, Request, Status};
+
+/// Close code sent when a client message exceeds `server.max_message_size`.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code sent on shutdown and idle timeout.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// How long a closing connection waits for the client's close reply.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Everything a session needs from the gateway.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub hub: Arc<Hub>,
+    pub config: Arc<ServerConfig>,
+    /// Cancelled when the gateway shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs one client connection to its end.
+pub async fn run<S>(
+    socket: S,
+    id: u64,
+    protocol: Protocol,
+    principal: Principal,
+    cx: SessionContext,
+) where
+    S: Stream<Item = Result<Message, axum::Error>>
+        + Sink<Message, Error = axum::Error>
+        + Send
+        + 'static,
+{
+    let (sink, stream) = socket.split();
+    let outbox = Arc::new(Outbox::new(cx.config.queue_capacity));
+    let done = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox.clone(),
+        protocol,
+        cx.config.ping_interval,
+        done.clone(),
+    ));
+
+    let mut session = Session {
+        id,
+        protocol,
+        principal,
+        outbox: outbox.clone(),
+        subscriptions: HashMap::new(),
+        cx,
+    };
+    session.read_loop(stream, &done).await;
+
+    done.cancel();
+    let _ = writer.await;
+    for (_, handle) in session.subscriptions.drain() {
+        session.cx.hub.unsubscribe(handle, id).await;
+    }
+    tracing::debug!(id, "session ended");
+}
+
+struct Session {
+    id: u64,
+    protocol: Protocol,
+    principal: Principal,
+    outbox: Arc<Outbox>,
+    subscriptions: HashMap<String, SubscriptionHandle>,
+    cx: SessionContext,
+}
+
+type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = Reply> + Send>>>;
+
+impl Session {
+    async fn read_loop<R>(&mut self, stream: R, done: &CancellationToken)
+    where
+        R: Stream<Item = Result<Message, axum::Error>> + Send,
+    {
+        let mut stream = pin!(stream);
+        let mut inflight: Inflight = FuturesUnordered::new();
+        let idle_timeout = self.cx.config.idle_timeout;
+        let mut deadline = pin!(sleep_until(Instant::now() + idle_timeout));
+        let mut closing = false;
+        // After an oversized frame the stream cannot be read safely (the rest of the frame would
+        // be buffered); the connection only waits for its close frame to go out.
+        let mut stop_reading = false;
+
+        loop {
+            let can_read = !stop_reading
+                && inflight.len() < self.cx.config.max_inflight_publishes
+                && !self.outbox.replies_full();
+            tokio::select! {
+                biased;
+                _ = done.cancelled() => break,
+                _ = self.cx.shutdown.cancelled(), if !closing => {
+                    self.outbox.push_reply(Reply::Status(Status {
+                        code: "shutting_down",
+                        message: "the gateway is shutting down".into(),
+                        ..Status::default()
+                    }));
+                    self.outbox.close(CLOSE_GOING_AWAY, "server shutting down");
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + self.cx.config.shutdown_grace);
+                }
+                Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                    self.outbox.push_reply(reply);
+                }
+                _ = self.outbox.space(), if !can_read && !stop_reading => {}
+                _ = deadline.as_mut() => {
+                    if closing {
+                        break;
+                    }
+                    tracing::debug!(id = self.id, "idle timeout");
+                    self.outbox.close(CLOSE_GOING_AWAY, "idle timeout");
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
+                }
+                frame = stream.next(), if can_read => {
+                    let frame = match frame {
+                        None => break,
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => {
+                            if closing {
+                                break;
+                            }
+                            if is_capacity_error(e) {
+                                let limit = self.cx.config.max_message_size;
+                                self.outbox.close(
+                                    CLOSE_TOO_BIG,
+                                    format!("message too big (limit {limit} bytes)"),
+                                );
+                                closing = true;
+                                stop_reading = true;
+                                deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
+                                continue;
+                            }
+                            break;
+                        }
+                    };
+                    if !closing {
+                        deadline.as_mut().reset(Instant::now() + idle_timeout);
+                    }
+                    if self.outbox.is_closing() && !closing {
+                        closing = true;
+                        deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
+                    }
+                    match frame {
+                        Message::Text(_) | Message::Binary(_) if !closing => {
+                            self.handle_frame(&frame, &mut inflight).await;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_frame(&mut self, frame: &Message, inflight: &mut Inflight) {
+        let request = match self.protocol.decode(frame) {
+            Ok(request) => request,
+            Err(e) => {
+                self.outbox.push_reply(e.into_reply());
+                return;
+            }
+        };
+        match request {
+            Request::Ping { id } => self.outbox.push_reply(Reply::Pong { id }),
+            Request::Subscribe { id, channel, from } => {
+                let reply = match self.subscribe(&channel, from).await {
+                    Ok(()) => Reply::ok(id),
+                    Err(e) => Reply::error(id, e.code, e.message),
+                };
+                self.outbox.push_reply(reply);
+            }
+            Request::Unsubscribe { id, channel } => {
+                let reply = match self.subscriptions.remove(&channel) {
+                    Some(handle) => {
+                        self.cx.hub.unsubscribe(handle, self.id).await;
+                        Reply::ok(id)
+                    }
+                    None => Reply::error(
+                        id,
+                        "not_subscribed",
+                        format!("no subscription to {channel:?} on this connection"),
+                    ),
+                };
+                self.outbox.push_reply(reply);
+            }
+            Request::Publish {
+                id,
+                channel,
+                payload,
+                key,
+                headers,
+                partition,
+            } => {
+                let channel = match ChannelPattern::parse_concrete(&channel) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.outbox
+                            .push_reply(Reply::error(id, "invalid_channel", e.to_string()));
+                        return;
+                    }
+                };
+                let prepared = self.cx.hub.prepare_publish(
+                    &self.principal,
+                    &channel,
+                    payload,
+                    key,
+                    headers,
+                    partition,
+                );
+                match prepared {
+                    Err(e) => self.outbox.push_reply(Reply::error(id, e.code, e.message)),
+                    Ok(prepared) => {
+                        let hub = self.cx.hub.clone();
+                        inflight.push(Box::pin(async move {
+                            match hub.publish(prepared).await {
+                                Ok(receipt) => Reply::Ok {
+                                    id,
+                                    position: receipt.position.map(PositionJson::from),
+                                },
+                                Err(e) => Reply::error(id, e.code, e.message),
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        channel: &str,
+        from: crate::backends::StartPosition,
+    ) -> Result<(), ProtocolError> {
+        let fail = |code, message: String| ProtocolError::new(None, code, message);
+        let pattern =
+            ChannelPattern::parse(channel).map_err(|e| fail("invalid_channel", e.to_string()))?;
+        if self.subscriptions.contains_key(channel) {
+            return Err(fail(
+                "already_subscribed",
+                format!("this connection is already subscribed to {channel:?}"),
+            ));
+        }
+        let max = self.cx.config.max_subscriptions;
+        if self.subscriptions.len() >= max {
+            return Err(fail(
+                "too_many_subscriptions",
+                format!("a connection may hold at most {max} subscriptions"),
+            ));
+        }
+        let member = Member {
+            session: self.id,
+            outbox: self.outbox.clone(),
+            protocol: self.protocol,
+        };
+        let handle = self
+            .cx
+            .hub
+            .subscribe(member, pattern, from, &self.principal)
+            .await
+            .map_err(|e| fail(e.code, e.message))?;
+        self.subscriptions.insert(channel.to_owned(), handle);
+        Ok(())
+    }
+}
+
+fn is_capacity_error(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    let inner = e.into_inner();
+    matches!(inner.downcast_ref::<Error>(), Some(Error::Capacity(_)))
+}
+
+async fn write_loop<W>(
+    mut sink: W,
+    outbox: Arc<Outbox>,
+    protocol: Protocol,
+    ping_interval: Duration,
+    done: CancellationToken,
+) where
+    W: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let mut drained = Drained::default();
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut send_ping = false;
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = outbox.ready() => {}
+            _ = ping.tick() => send_ping = true,
+        }
+        outbox.drain(&mut drained);
+        let close = drained.close.take();
+        let write = async {
+            if send_ping {
+                sink.feed(Message::Ping(Bytes::new())).await?;
+            }
+            if drained.dropped > 0 {
+                let status = Reply::Status(Status {
+                    code: "messages_dropped",
+                    message: format!(
+                        "{} messages were dropped because this connection did not read fast enough",
+                        drained.dropped
+                    ),
+                    count: Some(drained.dropped),
+                    ..Status::default()
+                });
+                sink.feed(protocol.encode_reply(&status)).await?;
+            }
+            for item in drained.items.drain(..) {
+                let frame = match item {
+                    OutItem::Message(frame) => frame,
+                    OutItem::Reply(reply) => protocol.encode_reply(&reply),
+                };
+                sink.feed(frame).await?;
+            }
+            if let Some(close) = &close {
+                sink.feed(Message::Close(Some(CloseFrame {
+                    code: close.code,
+                    reason: close.reason.as_str().into(),
+                })))
+                .await?;
+            }
+            sink.flush().await
+        };
+        let result = match &close {
+            // A closing connection gets a bounded time to take the close frame.
+            Some(_) => tokio::time::timeout(CLOSE_WAIT, write)
+                .await
+                .unwrap_or(Ok(())),
+            None => tokio::select! {
+                result = write => result,
+                _ = done.cancelled() => return,
+            },
+        };
+        drained.items.clear();
+        if result.is_err() {
+            done.cancel();
+            return;
+        }
+        if close.is_some() {
+            // The close frame is out; the reader waits for the client's reply, but not forever.
+            tokio::select! {
+                _ = done.cancelled() => {}
+                _ = tokio::time::sleep(CLOSE_WAIT) => done.cancel(),
+            }
+            return;
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! The client protocol: requests a client sends, and the frames the gateway sends back.
+//!
+//! [`Protocol`] is the codec negotiated as the WebSocket subprotocol. Requests decode into
+//! [`Request`]; replies and status events are [`Reply`] values encoded per connection; broker
+//! messages are encoded once per protocol by the fan-out ([`Protocol::encode_delivery`]) and the
+//! resulting frame is shared by every subscriber. docs/PROTOCOL.md documents every frame.
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::backends::{BrokerMessage, Position, StartPosition};
+use crate::transform::{ClientPayload, PayloadView};
+
+/// Subprotocol name of the JSON protocol (also used when a client asks for none).
+pub const JSON_SUBPROTOCOL: &str = "wsbridge.v1.json";
+
+/// A client protocol, chosen by subprotocol at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Json,
+}
+
+impl Protocol {
+    /// Subprotocols the gateway offers, in order of preference.
+    pub const SUBPROTOCOLS: &'static [&'static str] = &[JSON_SUBPROTOCOL];
+
+    pub fn from_subprotocol(name: Option<&str>) -> Option<Protocol> {
+        match name {
+            None | Some(JSON_SUBPROTOCOL) => Some(Protocol::Json),
+            Some(_) => None,
+        }
+    }
+
+    /// Decodes one WebSocket data frame into a request.
+    pub fn decode(&self, message: &Message) -> Result<Request, ProtocolError> {
+        match (self, message) {
+            (Protocol::Json, Message::Text(text)) => decode_json(text.as_str()),
+            (Protocol::Json, _) => Err(ProtocolError::new(
+                None,
+                "unsupported_frame",
+                "binary frames are not part of wsbridge.v1.json; send one JSON object per text frame",
+            )),
+        }
+    }
+
+    /// Encodes a reply or status frame.
+    pub fn encode_reply(&self, reply: &Reply) -> Message {
+        match self {
+            Protocol::Json => Message::Text(Utf8Bytes::from(
+                serde_json::to_string(reply).expect("replies serialize"),
+            )),
+        }
+    }
+
+    /// Encodes a broker message for one subscription; the frame is shared by its subscribers.
+    pub fn encode_delivery(&self, delivery: &Delivery<'_>) -> Message {
+        match self {
+            Protocol::Json => Message::Text(Utf8Bytes::from(encode_delivery_json(delivery))),
+        }
+    }
+}
+
+/// The `id` of a request, echoed in its reply exactly as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RequestId {
+    Str(String),
+    Num(serde_json::Number),
+}
+
+/// A decoded client request.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Subscribe {
+        id: RequestId,
+        channel: String,
+        from: StartPosition,
+    },
+    Unsubscribe {
+        id: RequestId,
+        channel: String,
+    },
+    Publish {
+        id: RequestId,
+        channel: String,
+        payload: ClientPayload,
+        key: Option<String>,
+        headers: Vec<(String, String)>,
+        partition: Option<i32>,
+    },
+    Ping {
+        id: RequestId,
+    },
+}
+
+impl Request {
+    pub fn id(&self) -> &RequestId {
+        match self {
+            Request::Subscribe { id, .. }
+            | Request::Unsubscribe { id, .. }
+            | Request::Publish { id, .. }
+            | Request::Ping { id } => id,
+        }
+    }
+}
+
+/// A request the gateway could not accept, with its documented error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub id: Option<RequestId>,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(id: Option<RequestId>, code: &'static str, message: impl Into<String>) -> Self {
+        ProtocolError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn into_reply(self) -> Reply {
+        Reply::Error {
+            id: self.id,
+            code: self.code,
+            message: self.message,
+        }
+    }
+}
+
+/// A frame the gateway sends other than a broker message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Ok {
+        id: RequestId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<PositionJson>,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        code: &'static str,
+        message: String,
+    },
+    Pong {
+        id: RequestId,
+    },
+    Status(Status),
+}
+
+impl Reply {
+    pub fn ok(id: RequestId) -> Reply {
+        Reply::Ok { id, position: None }
+    }
+
+    pub fn error(id: RequestId, code: &'static str, message: impl Into<String>) -> Reply {
+        Reply::Error {
+            id: Some(id),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A `status` frame: something the gateway reports on its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// What happened: `backend_down`, `backend_up`, `messages_dropped`, `gap`, `shutting_down`.
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// The client's subscriptions the event concerns.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_offset: Option<i64>,
+}
+
+/// `{"partition": p, "offset": o}` in frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PositionJson {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl From<Position> for PositionJson {
+    fn from(p: Position) -> Self {
+        PositionJson {
+            partition: p.partition,
+            offset: p.offset,
+        }
+    }
+}
+
+/// A broker message on its way to the subscribers of one client pattern.
+pub struct Delivery<'a> {
+    /// The concrete client channel.
+    pub channel: &'a str,
+    /// The client pattern the subscribers subscribed with.
+    pub subscription: &'a str,
+    pub payload: &'a PayloadView,
+    pub message: &'a BrokerMessage,
+}
+
+fn some_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A client frame with every field kept raw, so type errors can name the field.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "some_raw")]
+    kind: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    channel: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    payload: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    encoding: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    key: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    headers: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    partition: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    from: Option<&'a RawValue>,
+}
+
+fn decode_json<'a>(text: &'a str) -> Result<Request, ProtocolError> {
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => ProtocolError::new(None, "invalid_frame", "a frame must be one JSON object"),
+            Err(e) => ProtocolError::new(None, "invalid_json", format!("malformed JSON: {e}")),
+        });
+    }
+    let frame: RawFrame<'a> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            ProtocolError::new(
+                None,
+                "invalid_frame",
+                format!("a frame must be one JSON object: {e}"),
+            )
+        } else {
+            ProtocolError::new(None, "invalid_json", format!("malformed JSON: {e}"))
+        }
+    })?;
+
+    let id = match frame.id {
+        Some(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(serde_json::Value::String(s)) => Some(RequestId::Str(s)),
+            Ok(serde_json::Value::Number(n)) => Some(RequestId::Num(n)),
+            _ => {
+                return Err(ProtocolError::new(
+                    None,
+                    "invalid_frame",
+                    "field \"id\" must be a string or a number",
+                ));
+            }
+        },
+        None => None,
+    };
+    let kind: String = match frame.kind {
+        Some(raw) => field(raw, "type", &id)?,
+        None => {
+            return Err(ProtocolError::new(
+                id,
+                "invalid_frame",
+                "missing field \"type\"",
+            ));
+        }
+    };
+    let Some(id) = id else {
+        return Err(ProtocolError::new(
+            None,
+            "invalid_frame",
+            format!("missing field \"id\" in {kind:?} request"),
+        ));
+    };
+    let some_id = Some(id.clone());
+    let required = |raw: Option<&'a RawValue>, name: &str| {
+        raw.ok_or_else(|| {
+            ProtocolError::new(
+                Some(id.clone()),
+                "invalid_frame",
+                format!("missing field {name:?} in {kind:?} request"),
+            )
+        })
+    };
+
+    match kind.as_str() {
+        "subscribe" => Ok(Request::Subscribe {
+            channel: field(required(frame.channel, "channel")?, "channel", &some_id)?,
+            from: match frame.from {
+                None => StartPosition::Latest,
+                Some(raw) => start_position(raw, &some_id)?,
+            },
+            id,
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            channel: field(required(frame.channel, "channel")?, "channel", &some_id)?,
+            id,
+        }),
+        "publish" => {
+            let channel = field(required(frame.channel, "channel")?, "channel", &some_id)?;
+            let payload = required(frame.payload, "payload")?;
+            let encoding: Option<String> = frame
+                .encoding
+                .map(|raw| field(raw, "encoding", &some_id))
+                .transpose()?;
+            let payload = match encoding.as_deref() {
+                None => match serde_json::from_str::<String>(payload.get()) {
+                    Ok(text) => ClientPayload::Text(text),
+                    Err(_) => ClientPayload::Json(payload.to_owned()),
+                },
+                Some("base64") => {
+                    let text: String = field(payload, "payload", &some_id)?;
+                    ClientPayload::Binary(Bytes::from(BASE64.decode(text.as_bytes()).map_err(
+                        |e| {
+                            ProtocolError::new(
+                                some_id.clone(),
+                                "invalid_frame",
+                                format!("field \"payload\" is not valid base64: {e}"),
+                            )
+                        },
+                    )?))
+                }
+                Some(other) => {
+                    return Err(ProtocolError::new(
+                        some_id,
+                        "invalid_frame",
+                        format!(
+                            "field \"encoding\" must be \"base64\" when present, not {other:?}"
+                        ),
+                    ));
+                }
+            };
+            let key = frame
+                .key
+                .map(|raw| field(raw, "key", &some_id))
+                .transpose()?;
+            let headers = match frame.headers {
+                None => Vec::new(),
+                Some(raw) => {
+                    let map: serde_json::Map<String, serde_json::Value> =
+                        field(raw, "headers", &some_id)?;
+                    let mut headers = Vec::with_capacity(map.len());
+                    for (name, value) in map {
+                        let serde_json::Value::String(value) = value else {
+                            return Err(ProtocolError::new(
+                                some_id,
+                                "invalid_frame",
+                                format!("header {name:?} must have a string value"),
+                            ));
+                        };
+                        headers.push((name, value));
+                    }
+                    headers
+                }
+            };
+            let partition = frame
+                .partition
+                .map(|raw| field::<i32>(raw, "partition", &some_id))
+                .transpose()?;
+            if partition.is_some_and(|p| p < 0) {
+                return Err(ProtocolError::new(
+                    some_id,
+                    "invalid_frame",
+                    "field \"partition\" must not be negative",
+                ));
+            }
+            Ok(Request::Publish {
+                id,
+                channel,
+                payload,
+                key,
+                headers,
+                partition,
+            })
+        }
+        "ping" => Ok(Request::Ping { id }),
+        other => Err(ProtocolError::new(
+            some_id,
+            "unknown_type",
+            format!(
+                "unknown request type {other:?}; expected subscribe, unsubscribe, publish or ping"
+            ),
+        )),
+    }
+}
+
+fn field<T: for<'de> Deserialize<'de>>(
+    raw: &RawValue,
+    name: &str,
+    id: &Option<RequestId>,
+) -> Result<T, ProtocolError> {
+    serde_json::from_str(raw.get()).map_err(|e| {
+        let expected = e.to_string();
+        let expected = expected
+            .split(", expected ")
+            .nth(1)
+            .and_then(|s| s.split(" at line").next())
+            .unwrap_or("another type");
+        ProtocolError::new(
+            id.clone(),
+            "invalid_frame",
+            format!("field {name:?} has the wrong type: expected {expected}"),
+        )
+    })
+}
+
+fn start_position(raw: &RawValue, id: &Option<RequestId>) -> Result<StartPosition, ProtocolError> {
+    let bad = |message: String| ProtocolError::new(id.clone(), "invalid_frame", message);
+    let value: serde_json::Value =
+        serde_json::from_str(raw.get()).map_err(|e| bad(e.to_string()))?;
+    match &value {
+        serde_json::Value::String(s) if s == "latest" => Ok(StartPosition::Latest),
+        serde_json::Value::String(s) if s == "earliest" => Ok(StartPosition::Earliest),
+        serde_json::Value::Object(map) if map.len() == 1 => {
+            if let Some(ts) = map.get("timestamp") {
+                return ts
+                    .as_i64()
+                    .filter(|t| *t >= 0)
+                    .map(StartPosition::Timestamp)
+                    .ok_or_else(|| {
+                        bad("\"from\": {\"timestamp\": ...} needs milliseconds since the epoch".into())
+                    });
+            }
+            if let Some(serde_json::Value::Object(offsets)) = map.get("offsets") {
+                let mut parsed = Vec::with_capacity(offsets.len());
+                for (partition, offset) in offsets {
+                    let p = partition.parse::<i32>().ok().filter(|p| *p >= 0);
+                    let o = offset.as_i64().filter(|o| *o >= 0);
+                    match (p, o) {
+                        (Some(p), Some(o)) => parsed.push((p, o)),
+                        _ => {
+                            return Err(bad(format!(
+                                "\"from\": {{\"offsets\": ...}} maps partition numbers to next offsets; {partition:?}: {offset} is not one"
+                            )));
+                        }
+                    }
+                }
+                if parsed.is_empty() {
+                    return Err(bad("\"from\": {\"offsets\": {}} names no partition".into()));
+                }
+                parsed.sort_unstable();
+                return Ok(StartPosition::Offsets(parsed));
+            }
+            Err(bad(
+                "field \"from\" must be \"latest\", \"earliest\", {\"timestamp\": ms} or {\"offsets\": {...}}".into(),
+            ))
+        }
+        _ => Err(bad(
+            "field \"from\" must be \"latest\", \"earliest\", {\"timestamp\": ms} or {\"offsets\": {...}}".into(),
+        )),
+    }
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+fn encode_delivery_json(d: &Delivery<'_>) -> String {
+    let m = d.message;
+    let mut out = Vec::with_capacity(d.payload.bytes().len() + d.channel.len() * 2 + 96);
+    out.extend_from_slice(br#"{"type":"message","channel":"#);
+    push_json_str(&mut out, d.channel);
+    out.extend_from_slice(br#","subscription":"#);
+    push_json_str(&mut out, d.subscription);
+    out.extend_from_slice(br#","payload":"#);
+    match d.payload {
+        PayloadView::Json(bytes) => out.extend_from_slice(bytes),
+        PayloadView::Text(bytes) => push_json_str(
+            &mut out,
+            std::str::from_utf8(bytes).expect("PayloadView::Text holds UTF-8"),
+        ),
+        PayloadView::Binary(bytes) => {
+            out.push(b'"');
+            out.extend_from_slice(BASE64.encode(bytes).as_bytes());
+            out.extend_from_slice(br#"","encoding":"base64""#);
+        }
+    }
+    if let Some(key) = &m.key {
+        out.extend_from_slice(br#","key":"#);
+        push_json_str(&mut out, key);
+    }
+    if !m.headers.is_empty() {
+        out.extend_from_slice(br#","headers":"#);
+        serde_json::to_writer(&mut out, &headers_json(&m.headers)).expect("headers serialize");
+    }
+    for (name, value) in [
+        ("content_type", &m.content_type),
+        ("message_id", &m.message_id),
+        ("correlation_id", &m.correlation_id),
+    ] {
+        if let Some(value) = value {
+            out.extend_from_slice(format!(r#","{name}":"#).as_bytes());
+            push_json_str(&mut out, value);
+        }
+    }
+    if let Some(ts) = m.timestamp {
+        out.extend_from_slice(format!(r#","timestamp":{ts}"#).as_bytes());
+    }
+    if let Some(p) = m.position {
+        out.extend_from_slice(
+            format!(
+                r#","position":{{"partition":{},"offset":{}}}"#,
+                p.partition, p.offset
+            )
+            .as_bytes(),
+        );
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("frame is built from UTF-8 pieces")
+}
+
+/// Headers as a JSON object; a name that repeats gets an array of its values, in order.
+fn headers_json(headers: &[(String, String)]) -> serde_json::Map<String, serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for (name, value) in headers {
+        let value = serde_json::Value::String(value.clone());
+        match map.get_mut(name) {
+            None => {
+                map.insert(name.clone(), value);
+            }
+            Some(serde_json::Value::Array(values)) => values.push(value),
+            Some(existing) => {
+                let first = existing.take();
+                *existing = serde_json::Value::Array(vec![first, value]);
+            }
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(text: &str) -> Result<Request, ProtocolError> {
+        decode_json(text)
+    }
+
+    fn err(text: &str) -> (Option<RequestId>, &'static str, String) {
+        let e = decode(text).unwrap_err();
+        (e.id, e.code, e.message)
+    }
+
+    #[test]
+    fn decodes_every_request() {
+        assert!(matches!(
+            decode(r#"{"type":"subscribe","id":1,"channel":"a/+"}"#).unwrap(),
+            Request::Subscribe { channel, from: StartPosition::Latest, .. } if channel == "a/+"
+        ));
+        assert!(matches!(
+            decode(r#"{"type":"subscribe","id":"x","channel":"a","from":{"offsets":{"1":5,"0":2}}}"#).unwrap(),
+            Request::Subscribe { from: StartPosition::Offsets(o), .. } if o == vec![(0, 2), (1, 5)]
+        ));
+        assert!(matches!(
+            decode(r#"{"type":"unsubscribe","id":1,"channel":"a"}"#).unwrap(),
+            Request::Unsubscribe { .. }
+        ));
+        let Request::Publish { payload, key, headers, partition, .. } = decode(
+            r#"{"type":"publish","id":2,"channel":"a","payload":{"v": 1},"key":"k","headers":{"h":"v"},"partition":3}"#,
+        )
+        .unwrap() else {
+            panic!("not a publish")
+        };
+        assert!(matches!(payload, ClientPayload::Json(raw) if raw.get() == r#"{"v": 1}"#));
+        assert_eq!(key.as_deref(), Some("k"));
+        assert_eq!(headers, vec![("h".to_string(), "v".to_string())]);
+        assert_eq!(partition, Some(3));
+        assert!(matches!(
+            decode(r#"{"type":"publish","id":2,"channel":"a","payload":null}"#).unwrap(),
+            Request::Publish { payload: ClientPayload::Json(raw), .. } if raw.get() == "null"
+        ));
+        assert!(matches!(
+            decode(r#"{"type":"publish","id":2,"channel":"a","payload":"AQI=","encoding":"base64"}"#).unwrap(),
+            Request::Publish { payload: ClientPayload::Binary(b), .. } if b[..] == [1, 2]
+        ));
+        assert!(matches!(
+            decode(r#"{"type":"ping","id":7,"extra":true}"#).unwrap(),
+            Request::Ping { .. }
+        ));
+    }
+
+    #[test]
+    fn explains_bad_frames() {
+        assert_eq!(err("{nope").1, "invalid_json");
+        assert_eq!(err("{nope").0, None);
+        assert_eq!(err("[1,2]").1, "invalid_frame");
+        assert_eq!(err(r#"{"id":1}"#).1, "invalid_frame");
+        assert_eq!(err(r#"{"id":1}"#).0, Some(RequestId::Num(1.into())));
+        assert_eq!(
+            err(r#"{"type":"ping"}"#).2,
+            "missing field \"id\" in \"ping\" request"
+        );
+        assert_eq!(err(r#"{"type":"dance","id":1}"#).1, "unknown_type");
+        assert_eq!(
+            err(r#"{"type":"subscribe","id":1}"#).2,
+            "missing field \"channel\" in \"subscribe\" request"
+        );
+        let (id, code, msg) = err(r#"{"type":"subscribe","id":"a","channel":5}"#);
+        assert_eq!(
+            (id, code),
+            (Some(RequestId::Str("a".into())), "invalid_frame")
+        );
+        assert!(msg.contains("\"channel\" has the wrong type"), "{msg}");
+        assert!(
+            err(r#"{"type":"publish","id":1,"channel":"a"}"#)
+                .2
+                .contains("\"payload\"")
+        );
+        assert!(
+            err(r#"{"type":"publish","id":1,"channel":"a","payload":"%%","encoding":"base64"}"#)
+                .2
+                .contains("base64")
+        );
+        assert!(
+            err(r#"{"type":"publish","id":1,"channel":"a","payload":1,"headers":{"h":1}}"#)
+                .2
+                .contains("header \"h\"")
+        );
+        assert!(
+            err(r#"{"type":"publish","id":1,"channel":"a","payload":1,"partition":-1}"#)
+                .2
+                .contains("negative")
+        );
+        assert!(
+            err(r#"{"type":"subscribe","id":1,"channel":"a","from":"yesterday"}"#)
+                .2
+                .contains("\"from\"")
+        );
+        assert_eq!(
+            err(r#"{"type":"ping","id":[1]}"#).2,
+            "field \"id\" must be a string or a number"
+        );
+    }
+
+    #[test]
+    fn encodes_deliveries_per_payload_kind() {
+        let message = BrokerMessage {
+            topic: "t".into(),
+            key: Some("k".into()),
+            headers: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            timestamp: Some(5),
+            position: Some(Position {
+                partition: 1,
+                offset: 9,
+            }),
+            ..Default::default()
+        };
+        let frame = |payload: PayloadView| {
+            let text = encode_delivery_json(&Delivery {
+                channel: "c/\"q\"",
+                subscription: "c/#",
+                payload: &payload,
+                message: &message,
+            });
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        };
+        let v = frame(PayloadView::Json(Bytes::from_static(b"{\"x\": [1]}")));
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["channel"], "c/\"q\"");
+        assert_eq!(v["subscription"], "c/#");
+        assert_eq!(v["payload"]["x"][0], 1);
+        assert_eq!(v["key"], "k");
+        assert_eq!(v["headers"]["a"], serde_json::json!(["1", "2"]));
+        assert_eq!(v["timestamp"], 5);
+        assert_eq!(
+            v["position"],
+            serde_json::json!({"partition": 1, "offset": 9})
+        );
+        assert!(v.get("encoding").is_none());
+        let v = frame(PayloadView::Text(Bytes::from_static(b"line \"1\"\n")));
+        assert_eq!(v["payload"], "line \"1\"\n");
+        let v = frame(PayloadView::Binary(Bytes::from_static(&[0xff, 0])));
+        assert_eq!(v["payload"], "/wA=");
+        assert_eq!(v["encoding"], "base64");
+    }
+
+    #[test]
+    fn replies_echo_the_id_as_sent() {
+        let text = |r: &Reply| serde_json::to_string(r).unwrap();
+        assert_eq!(
+            text(&Reply::ok(RequestId::Num(3.into()))),
+            r#"{"type":"ok","id":3}"#
+        );
+        assert_eq!(
+            text(&Reply::error(RequestId::Str("a".into()), "no_route", "x")),
+            r#"{"type":"error","id":"a","code":"no_route","message":"x"}"#
+        );
+        let status = Reply::Status(Status {
+            code: "messages_dropped",
+            message: "m".into(),
+            count: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(
+            text(&status),
+            r#"{"type":"status","code":"messages_dropped","message":"m","count":3}"#
+        );
+    }
+}
