@@ -71,7 +71,7 @@ async fn single_and_multi_level_wildcards() {
     hash.subscribe(&format!("{ch}/#")).await;
 
     for channel in [
-        format!("{ch}"),
+        ch.to_string(),
         format!("{ch}/a/temp"),
         format!("{ch}/a/b/temp"),
         format!("{ch}/b/humidity"),
@@ -80,7 +80,7 @@ async fn single_and_multi_level_wildcards() {
     }
     // `#` matches the parent level and every depth; `+` exactly one level.
     for expected in [
-        format!("{ch}"),
+        ch.to_string(),
         format!("{ch}/a/temp"),
         format!("{ch}/a/b/temp"),
         format!("{ch}/b/humidity"),
