@@ -1,0 +1,312 @@
+//! `wsbridge-bench`: fan-out throughput and latency over real WebSocket connections.
+//!
+//! Opens N subscriber sockets on one channel, publishes from one more socket at a fixed rate for a
+//! fixed time, and prints deliveries per second, drops and end-to-end latency percentiles.
+//! Latency is measured from each message's *intended* send time on the schedule, so a publisher
+//! that falls behind shows up as latency instead of hiding it (no coordinated omission).
+//!
+//! Without `--url` it starts a gateway in-process (the embedded memory default, or `--config`).
+//! Traffic goes only to the address given or to 127.0.0.1, and every run stops by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Fan-out benchmark for wsbridge.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Gateway WebSocket URL; without it a gateway is started in-process on 127.0.0.1.
+    #[arg(long)]
+    url: Option<String>,
+    /// Config for the in-process gateway (default: the embedded memory configuration).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Subscriber connections.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    subscribers: usize,
+    /// Messages published per second.
+    #[arg(long, short, default_value_t = 1000)]
+    rate: u64,
+    /// How long to publish, e.g. 10s.
+    #[arg(long, short, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Channel to use (default: a fresh one under bench/).
+    #[arg(long)]
+    channel: Option<String>,
+    /// Bytes of padding in each payload.
+    #[arg(long, default_value_t = 64)]
+    payload_size: usize,
+    /// How long to wait for the last messages after publishing stops.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+}
+
+#[derive(Default)]
+struct Totals {
+    delivered: AtomicU64,
+    out_of_order: AtomicU64,
+    reported_dropped: AtomicU64,
+    last_delivery_ns: AtomicU64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.subscribers == 0 || args.rate == 0 {
+        bail!("--subscribers and --rate must be greater than zero");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (url, gateway) = match &args.url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let mut config = match &args.config {
+                Some(path) => wsbridge::Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+                None => wsbridge::Config::embedded_default(),
+            };
+            config.server.listen = "127.0.0.1:0".parse()?;
+            config.server.queue_capacity = config.server.queue_capacity.max(4096);
+            let gw = wsbridge::Gateway::start(config).await?;
+            (format!("ws://{}/ws", gw.local_addr()), Some(gw))
+        }
+    };
+    let channel = args.channel.clone().unwrap_or_else(|| {
+        format!(
+            "bench/{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        )
+    });
+
+    let epoch = Instant::now();
+    let totals = Arc::new(Totals::default());
+    let expected_last = args.rate * args.duration.as_secs_f64() as u64;
+    let mut subscribers = Vec::with_capacity(args.subscribers);
+    for batch in (0..args.subscribers).collect::<Vec<_>>().chunks(100) {
+        let mut connecting = Vec::new();
+        for _ in batch {
+            connecting.push(subscriber(url.clone(), channel.clone()));
+        }
+        for ws in futures_util::future::join_all(connecting).await {
+            let ws = ws?;
+            subscribers.push(tokio::spawn(receive(
+                ws,
+                epoch,
+                totals.clone(),
+                expected_last,
+                args.duration + args.drain + Duration::from_secs(2),
+            )));
+        }
+    }
+    println!(
+        "{} subscribers on {channel:?}; publishing {} msg/s for {} ({} bytes padding)",
+        args.subscribers,
+        args.rate,
+        humantime::format_duration(args.duration),
+        args.payload_size
+    );
+
+    let publish_start = epoch.elapsed();
+    let (published, acked, failed) = publish(&url, &channel, &args, epoch).await?;
+    let publish_end = epoch.elapsed();
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    for task in subscribers {
+        let h = task.await?;
+        histogram.add(h)?;
+    }
+    let delivered = totals.delivered.load(Ordering::Relaxed);
+    let expected = published * args.subscribers as u64;
+    let last = Duration::from_nanos(totals.last_delivery_ns.load(Ordering::Relaxed));
+    let span = (last.max(publish_end) - publish_start).as_secs_f64();
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e6;
+
+    println!("published:     {published} ({acked} acknowledged, {failed} failed)");
+    println!(
+        "delivered:     {delivered} of {expected} expected ({:.2}%)",
+        100.0 * delivered as f64 / expected.max(1) as f64
+    );
+    println!(
+        "deliveries/s:  {:.0} (over {:.2}s, first publish to last delivery)",
+        delivered as f64 / span,
+        span
+    );
+    println!(
+        "drops:         {} missing, {} reported by the gateway, {} out of order",
+        expected.saturating_sub(delivered),
+        totals.reported_dropped.load(Ordering::Relaxed),
+        totals.out_of_order.load(Ordering::Relaxed)
+    );
+    println!(
+        "latency ms:    p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        histogram.max() as f64 / 1e6
+    );
+    if let Some(gw) = gateway {
+        gw.shutdown().await;
+    }
+    Ok(())
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn subscriber(url: String, channel: String) -> anyhow::Result<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let frame = serde_json::json!({"type": "subscribe", "id": 1, "channel": channel});
+    ws.send(Message::Text(frame.to_string().into())).await?;
+    while let Some(message) = ws.next().await {
+        if let Message::Text(text) = message? {
+            let reply: serde_json::Value = serde_json::from_str(&text)?;
+            match reply["type"].as_str() {
+                Some("ok") => return Ok(ws),
+                Some("error") => bail!("subscribe failed: {reply}"),
+                _ => {}
+            }
+        }
+    }
+    bail!("connection closed before the subscription was confirmed")
+}
+
+/// Reads messages until the last expected sequence number or the deadline; returns latencies.
+async fn receive(
+    mut ws: Ws,
+    epoch: Instant,
+    totals: Arc<Totals>,
+    expected_last: u64,
+    limit: Duration,
+) -> Histogram<u64> {
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let deadline = epoch + limit;
+    let mut last_seq: Option<u64> = None;
+    let mut delivered = 0;
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next()).await;
+        let Ok(Some(Ok(Message::Text(text)))) = next else {
+            if matches!(next, Ok(Some(Ok(_)))) {
+                continue;
+            }
+            break;
+        };
+        let text = text.as_str();
+        if text.contains("\"type\":\"status\"") {
+            if let Some(count) = number_after(text, "\"count\":") {
+                totals.reported_dropped.fetch_add(count, Ordering::Relaxed);
+            }
+            continue;
+        }
+        let (Some(seq), Some(sent)) = (
+            number_after(text, "\"seq\":"),
+            number_after(text, "\"sent_ns\":"),
+        ) else {
+            continue;
+        };
+        let now = epoch.elapsed().as_nanos() as u64;
+        histogram.saturating_record(now.saturating_sub(sent).max(1));
+        delivered += 1;
+        if last_seq.is_some_and(|l| seq <= l) {
+            totals.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        last_seq = Some(seq);
+        totals.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+        if seq + 1 >= expected_last {
+            break;
+        }
+    }
+    totals.delivered.fetch_add(delivered, Ordering::Relaxed);
+    let _ = ws.close(None).await;
+    histogram
+}
+
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let digits: &str = &text[start..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Publishes on schedule; returns (published, acknowledged, failed).
+async fn publish(
+    url: &str,
+    channel: &str,
+    args: &Args,
+    epoch: Instant,
+) -> anyhow::Result<(u64, u64, u64)> {
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+    let (mut sink, mut stream) = ws.split();
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let count = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
+    let reader = {
+        let (acked, failed) = (acked.clone(), failed.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if let Message::Text(text) = message {
+                    if text.starts_with("{\"type\":\"ok\"") {
+                        if acked.fetch_add(1, Ordering::Relaxed)
+                            + 1
+                            + failed.load(Ordering::Relaxed)
+                            >= count
+                        {
+                            break;
+                        }
+                    } else if text.starts_with("{\"type\":\"error\"") {
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("publish failed: {text}");
+                        }
+                        if acked.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= count {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let padding = "x".repeat(args.payload_size);
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let start = epoch.elapsed();
+    let mut published = 0;
+    for seq in 0..count {
+        let intended = start + interval.mul_f64(seq as f64);
+        if epoch.elapsed() < intended {
+            // Caught up: send what is queued, then wait for this message's slot.
+            sink.flush().await?;
+            tokio::time::sleep_until(epoch + intended).await;
+        }
+        let frame = format!(
+            r#"{{"type":"publish","id":{seq},"channel":{},"payload":{{"seq":{seq},"sent_ns":{},"pad":"{padding}"}}}}"#,
+            serde_json::to_string(channel)?,
+            intended.as_nanos()
+        );
+        sink.feed(Message::Text(frame.into())).await?;
+        published += 1;
+    }
+    sink.flush().await?;
+    let _ = tokio::time::timeout(args.drain, reader).await;
+    Ok((
+        published,
+        acked.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    ))
+}
