@@ -209,6 +209,9 @@ fn slow_config(policy: &str) -> String {
         r##"
         [server]
         queue_capacity = 64
+        [limits]
+        publish_per_second = 0
+        publish_bytes_per_second = 0
         [backends.local]
         type = "memory"
         [[routes]]

@@ -1,12 +1,29 @@
 //! Who a connection is, and the one place that decides what it may do.
 //!
-//! Every subscribe and publish goes through [`authorize`] after routing; nothing else in the
-//! gateway grants or refuses access to a channel.
+//! Authentication happens once at the upgrade ([`Authenticator::authenticate`]) and again on an
+//! in-band `auth` refresh. Authorisation happens in [`authorize`] for every subscribe and publish:
+//! it routes the channel (claim placeholders in the route's templates must equal the token's
+//! claims), checks the route's `allow` list and its `subscribe_if`/`publish_if` rule, and logs every
+//! denial with the subject (never the token). Nothing else in the gateway grants or refuses access.
+
+pub mod jwt;
+pub mod rules;
 
 use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, Uri, header};
+use tokio_util::sync::CancellationToken;
+
+pub use jwt::{AuthConfig, AuthMode, Secret, TokenError, TokenSource, Verified};
 
 use crate::config::Operation;
-use crate::routing::{ChannelPattern, ClaimSource, Route};
+use crate::routing::{ChannelPattern, ClaimSource, RenderError, Resolved, RouteError, Router};
+use jwt::JwtVerifier;
+use rules::RuleContext;
+
+/// Prefix of a `Sec-WebSocket-Protocol` entry carrying a token.
+pub const SUBPROTOCOL_TOKEN_PREFIX: &str = "access_token.";
 
 /// The identity behind a connection.
 #[derive(Debug, Clone, Default)]
@@ -26,16 +43,20 @@ impl Principal {
     pub fn display_name(&self) -> &str {
         self.subject.as_deref().unwrap_or("anonymous")
     }
-}
 
-impl ClaimSource for Principal {
-    fn claim(&self, path: &str) -> Option<Cow<'_, str>> {
+    fn claim_value(&self, path: &str) -> Option<&serde_json::Value> {
         let mut parts = path.split('.');
         let mut value = self.claims.get(parts.next()?)?;
         for part in parts {
             value = value.get(part)?;
         }
-        match value {
+        Some(value)
+    }
+}
+
+impl ClaimSource for Principal {
+    fn claim(&self, path: &str) -> Option<Cow<'_, str>> {
+        match self.claim_value(path)? {
             serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
             serde_json::Value::Number(n) => Some(Cow::Owned(n.to_string())),
             serde_json::Value::Bool(b) => Some(Cow::Owned(b.to_string())),
@@ -44,32 +65,226 @@ impl ClaimSource for Principal {
     }
 }
 
-/// A refused operation; the message is safe to show to the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Denied(pub String);
+/// Verifies the tokens connections present (or admits everyone with `mode = "none"`).
+pub struct Authenticator {
+    config: AuthConfig,
+    verifier: Option<JwtVerifier>,
+}
 
-/// Decides whether `principal` may perform `op` on `channel` through `route`.
+impl Authenticator {
+    /// Loads the key material named by the config.
+    pub fn new(config: &AuthConfig) -> Result<Self, String> {
+        let verifier = match config.mode {
+            AuthMode::None => None,
+            AuthMode::Jwt => Some(JwtVerifier::new(config)?),
+        };
+        Ok(Authenticator {
+            config: config.clone(),
+            verifier,
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// Clock skew allowed around `exp` and `nbf`.
+    pub fn leeway(&self) -> std::time::Duration {
+        self.config.leeway
+    }
+
+    /// Fetches the JWKS URL now and then every `jwks_refresh`, until `shutdown`.
+    pub fn spawn_jwks_refresh(self: &Arc<Self>, shutdown: CancellationToken) {
+        let Some(url) = self.config.jwks_url.clone() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let client = match reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the JWKS HTTP client");
+                    return;
+                }
+            };
+            let mut interval = tokio::time::interval(this.config.jwks_refresh);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = interval.tick() => {}
+                }
+                let Some(verifier) = &this.verifier else {
+                    return;
+                };
+                match verifier.refresh_from(&client, &url).await {
+                    Ok(n) => tracing::debug!(%url, keys = n, "JWKS refreshed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "JWKS refresh failed; keeping the previous keys")
+                    }
+                }
+            }
+        });
+    }
+
+    /// Authenticates an upgrade request from its headers and URI.
+    pub fn authenticate(&self, headers: &HeaderMap, uri: &Uri) -> Result<Verified, TokenError> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(Verified {
+                principal: Principal::anonymous(),
+                expires_at: None,
+            });
+        };
+        let token = find_token(
+            headers,
+            uri,
+            &self.config.token_sources,
+            &self.config.cookie_name,
+        )
+        .ok_or(TokenError::Missing)?;
+        verifier.verify(&token)
+    }
+
+    /// Verifies a token sent in an `auth` frame.
+    pub fn verify(&self, token: &str) -> Option<Result<Verified, TokenError>> {
+        self.verifier.as_ref().map(|v| v.verify(token))
+    }
+}
+
+/// Finds the token in the first configured place that has one.
+pub fn find_token(
+    headers: &HeaderMap,
+    uri: &Uri,
+    sources: &[TokenSource],
+    cookie_name: &str,
+) -> Option<String> {
+    sources
+        .iter()
+        .find_map(|source| match source {
+            TokenSource::Header => headers
+                .get(header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")
+                .map(|t| t.trim().to_owned()),
+            TokenSource::Query => form_urlencoded::parse(uri.query()?.as_bytes())
+                .find(|(k, _)| k == "access_token")
+                .map(|(_, v)| v.into_owned()),
+            TokenSource::Cookie => headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(k, _)| *k == cookie_name)
+                .map(|(_, v)| v.to_owned()),
+            TokenSource::Subprotocol => headers
+                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .find_map(|p| p.trim().strip_prefix(SUBPROTOCOL_TOKEN_PREFIX))
+                .map(str::to_owned),
+        })
+        .filter(|t| !t.is_empty())
+}
+
+/// A refused subscribe or publish, with its client error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+struct RuleInput<'a> {
+    vars: &'a [(String, Option<String>)],
+    principal: &'a Principal,
+}
+
+impl RuleContext for RuleInput<'_> {
+    fn var(&self, name: &str) -> Option<&str> {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn claim(&self, path: &str) -> Option<&serde_json::Value> {
+        self.principal.claim_value(path)
+    }
+}
+
+/// The authorisation point: routes `pattern` and decides whether `principal` may `op` it.
 pub fn authorize(
+    router: &Router,
     principal: &Principal,
     op: Operation,
-    route: &Route,
-    channel: &ChannelPattern,
-) -> Result<(), Denied> {
-    if route.allows(op) {
-        return Ok(());
-    }
+    pattern: &ChannelPattern,
+) -> Result<Resolved, AccessError> {
     let verb = match op {
-        Operation::Subscribe => "subscribe to",
-        Operation::Publish => "publish on",
+        Operation::Subscribe => "subscribe",
+        Operation::Publish => "publish",
     };
-    tracing::info!(
-        subject = principal.display_name(),
-        channel = %channel,
-        route = route.index,
-        "denied: route does not allow {verb}"
-    );
-    Err(Denied(format!(
-        "route for {channel:?} does not allow clients to {verb} it"
-    )))
+    let deny = |reason: String| {
+        tracing::info!(
+            subject = principal.display_name(),
+            operation = verb,
+            channel = %pattern,
+            %reason,
+            "access denied"
+        );
+        AccessError {
+            code: "forbidden",
+            message: format!("not allowed to {verb} {:?}", pattern.as_str()),
+        }
+    };
+    let resolved = match router.resolve(pattern, principal) {
+        Ok(r) => r,
+        Err(RouteError::NoRoute(channel)) => {
+            return Err(AccessError {
+                code: "no_route",
+                message: format!("no route matches channel {channel:?}"),
+            });
+        }
+        Err(RouteError::ClaimMismatch(_)) => {
+            return Err(deny("channel is bound to other claim values".into()));
+        }
+        Err(RouteError::Render {
+            error: RenderError::MissingClaim(claim),
+            ..
+        }) => return Err(deny(format!("token lacks {claim}"))),
+        Err(e @ RouteError::Render { .. }) => {
+            let code = match &e {
+                RouteError::Render {
+                    error: RenderError::WildcardUnsupported { .. },
+                    ..
+                } => "unsupported_pattern",
+                _ => "invalid_channel",
+            };
+            return Err(AccessError {
+                code,
+                message: e.to_string(),
+            });
+        }
+    };
+    let route = &resolved.route;
+    if !route.allows(op) {
+        return Err(deny(format!("route {} does not allow {verb}", route.index)));
+    }
+    let rule = match op {
+        Operation::Subscribe => route.subscribe_if.as_ref(),
+        Operation::Publish => route.publish_if.as_ref(),
+    };
+    if let Some(rule) = rule {
+        let input = RuleInput {
+            vars: &resolved.vars,
+            principal,
+        };
+        if !rule.allows(&input) {
+            return Err(deny(format!("rule `{rule}` does not hold")));
+        }
+    }
+    Ok(resolved)
 }

@@ -77,6 +77,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 None => wsbridge::Config::embedded_default(),
             };
             config.server.listen = "127.0.0.1:0".parse()?;
+            // The benchmark is one client publishing fast to many sockets from one address.
+            config.limits = wsbridge::server::limits::LimitsConfig::unlimited();
             config.server.queue_capacity = config.server.queue_capacity.max(4096);
             let gw = wsbridge::Gateway::start(config).await?;
             (format!("ws://{}/ws", gw.local_addr()), Some(gw))

@@ -17,8 +17,10 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
+use crate::auth::AuthConfig;
 use crate::backends::BackendConfig;
 use crate::routing::Router;
+use crate::server::limits::LimitsConfig;
 
 pub use route::{Operation, RouteConfig, SlowConsumerPolicy};
 pub use server::ServerConfig;
@@ -79,9 +81,11 @@ pub struct Config {
     pub backends: BTreeMap<String, BackendConfig>,
     /// Routes, in the order they are tried.
     pub routes: Vec<RouteConfig>,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["server", "backends", "routes"];
+const TOP_LEVEL_KEYS: &[&str] = &["server", "backends", "routes", "auth", "limits"];
 
 impl Config {
     /// The embedded default: one `memory` backend, every channel routed to it.
@@ -133,6 +137,14 @@ impl Config {
         let server = match table.remove("server") {
             Some(v) => deserialize_section::<ServerConfig>(v, "server", &mut problems),
             None => Some(ServerConfig::default()),
+        };
+        let auth = match table.remove("auth") {
+            Some(v) => deserialize_section::<AuthConfig>(v, "auth", &mut problems),
+            None => Some(AuthConfig::default()),
+        };
+        let limits = match table.remove("limits") {
+            Some(v) => deserialize_section::<LimitsConfig>(v, "limits", &mut problems),
+            None => Some(LimitsConfig::default()),
         };
 
         let mut backends = BTreeMap::new();
@@ -194,6 +206,20 @@ impl Config {
         if let Some(server) = &server {
             server.validate(&mut problems);
         }
+        if let Some(limits) = &limits {
+            limits.validate(&mut problems);
+        }
+        if let Some(auth) = &auth {
+            let before = problems.len();
+            auth.validate(&mut problems);
+            // Load the key material now, so a missing or unreadable key is a config problem.
+            if problems.len() == before
+                && let Err(e) = crate::auth::Authenticator::new(auth)
+            {
+                let (path, message) = e.split_once(": ").unwrap_or(("auth", &e));
+                problems.push(ConfigProblem::new(path, message));
+            }
+        }
 
         // Cross-section checks run on the routes that parsed, under their original index.
         Router::check(
@@ -216,12 +242,18 @@ impl Config {
             }
         });
 
-        match server {
-            Some(server) if problems.is_empty() && all_routes_parsed => Ok(Config {
-                server,
-                backends,
-                routes,
-            }),
+        match (server, auth, limits) {
+            (Some(server), Some(auth), Some(limits))
+                if problems.is_empty() && all_routes_parsed =>
+            {
+                Ok(Config {
+                    server,
+                    backends,
+                    routes,
+                    auth,
+                    limits,
+                })
+            }
             _ => Err(ConfigError { problems }),
         }
     }

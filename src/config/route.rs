@@ -39,6 +39,12 @@ pub struct RouteConfig {
     /// Policy when a subscriber's outgoing queue is full.
     #[serde(default)]
     pub slow_consumer: SlowConsumerPolicy,
+    /// Rule that must hold for a subscribe (see docs/SECURITY.md).
+    #[serde(default)]
+    pub subscribe_if: Option<String>,
+    /// Rule that must hold for a publish.
+    #[serde(default)]
+    pub publish_if: Option<String>,
     /// Backend-specific route options.
     #[serde(flatten)]
     pub options: toml::Table,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigProblem;
+use crate::server::tls::TlsConfig;
 
 /// Largest `max_message_size` accepted.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 16 * 1024 * 1024;
@@ -41,6 +42,10 @@ pub struct ServerConfig {
     /// On SIGINT/SIGTERM, how long clients get to close after the 1001 close frame.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Browser origins allowed to open WebSockets; absent means any origin.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Serve TLS (`wss://`) with this certificate and key.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +61,8 @@ impl Default for ServerConfig {
             max_inflight_publishes: 64,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            allowed_origins: None,
+            tls: None,
         }
     }
 }
@@ -86,6 +93,22 @@ impl ServerConfig {
                     self.max_message_size
                 ),
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(problems);
+        }
+        for (i, origin) in self.allowed_origins.iter().flatten().enumerate() {
+            let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/')
+                && !origin[origin.find("://").map_or(0, |p| p + 3)..].contains('/');
+            if !valid {
+                problems.push(ConfigProblem::new(
+                    format!("server.allowed_origins[{i}]"),
+                    format!(
+                        "{origin:?} is not an origin; write scheme://host[:port] with no path, e.g. \"https://app.example.com\""
+                    ),
+                ));
+            }
         }
         if self.idle_timeout <= self.ping_interval {
             problems.push(ConfigProblem::new(

@@ -22,7 +22,7 @@ use crate::backends::{
 };
 use crate::config::Operation;
 use crate::metrics::{BackendMetrics, Metrics};
-use crate::routing::{ChannelPattern, RenderError, Route, RouteError, Router};
+use crate::routing::{ChannelPattern, Route, Router};
 use crate::session::protocol::{Reply, Status};
 use crate::transform::ClientPayload;
 use upstream::{Fanout, Member};
@@ -44,34 +44,15 @@ impl RequestError {
     }
 }
 
-impl From<RouteError> for RequestError {
-    fn from(e: RouteError) -> Self {
-        let code = match &e {
-            RouteError::NoRoute(_) => "no_route",
-            RouteError::ClaimMismatch(_) => "forbidden",
-            RouteError::Render {
-                error: RenderError::WildcardUnsupported { .. },
-                ..
-            } => "unsupported_pattern",
-            RouteError::Render {
-                error: RenderError::MissingClaim(_),
-                ..
-            } => "forbidden",
-            RouteError::Render { .. } => "invalid_channel",
-        };
-        RequestError::new(code, e.to_string())
+impl From<auth::AccessError> for RequestError {
+    fn from(e: auth::AccessError) -> Self {
+        RequestError::new(e.code, e.message)
     }
 }
 
 impl From<BackendError> for RequestError {
     fn from(e: BackendError) -> Self {
         RequestError::new(e.code(), e.to_string())
-    }
-}
-
-impl From<auth::Denied> for RequestError {
-    fn from(e: auth::Denied) -> Self {
-        RequestError::new("forbidden", e.0)
     }
 }
 
@@ -187,8 +168,7 @@ impl Hub {
         start: StartPosition,
         principal: &Principal,
     ) -> Result<SubscriptionHandle, RequestError> {
-        let resolved = self.router.resolve(&pattern, principal)?;
-        auth::authorize(principal, Operation::Subscribe, &resolved.route, &pattern)?;
+        let resolved = auth::authorize(&self.router, principal, Operation::Subscribe, &pattern)?;
         let route = resolved.route;
         let slot = &self.backends[route.backend];
         let private = match start {
@@ -258,6 +238,11 @@ impl Hub {
         Ok(handle)
     }
 
+    /// Whether `principal` may still hold a subscription to `pattern` (after a token refresh).
+    pub fn may_subscribe(&self, principal: &Principal, pattern: &ChannelPattern) -> bool {
+        auth::authorize(&self.router, principal, Operation::Subscribe, pattern).is_ok()
+    }
+
     /// Ends a connection's membership; the upstream is released with its last member.
     pub async fn unsubscribe(&self, handle: SubscriptionHandle, session: u64) {
         self.release(&handle, session).await;
@@ -307,8 +292,7 @@ impl Hub {
         headers: Vec<(String, String)>,
         partition: Option<i32>,
     ) -> Result<PreparedPublish, RequestError> {
-        let resolved = self.router.resolve(channel, principal)?;
-        auth::authorize(principal, Operation::Publish, &resolved.route, channel)?;
+        let resolved = auth::authorize(&self.router, principal, Operation::Publish, channel)?;
         let route = &resolved.route;
         let key = match (resolved.key, key) {
             (Some(routed), Some(given)) if routed != given => {

@@ -17,6 +17,7 @@ pub use template::{
     RenderError, RenderedTopic, TopicSyntax, TopicTemplate,
 };
 
+use crate::auth::rules::Rule;
 use crate::backends::BackendConfig;
 use crate::config::{ConfigProblem, Operation, RouteConfig, SlowConsumerPolicy};
 use crate::transform::PayloadFormat;
@@ -36,6 +37,10 @@ pub struct Route {
     pub allow_publish: bool,
     pub slow_consumer: SlowConsumerPolicy,
     pub format: PayloadFormat,
+    /// Extra condition for subscribing (see [`crate::auth::rules`]).
+    pub subscribe_if: Option<Rule>,
+    /// Extra condition for publishing.
+    pub publish_if: Option<Rule>,
 }
 
 impl Route {
@@ -69,6 +74,8 @@ pub struct Resolved {
     pub topic: RenderedTopic,
     /// The rendered key, when the route has a key template and the pattern names one key.
     pub key: Option<String>,
+    /// Channel placeholders with their values; `None` where the pattern has a wildcard.
+    pub vars: Vec<(String, Option<String>)>,
 }
 
 /// Why a channel could not be routed.
@@ -153,6 +160,7 @@ impl Router {
                 route: route.clone(),
                 topic,
                 key,
+                vars: bindings.to_vars(),
             });
         }
         if claim_mismatch {
@@ -243,9 +251,44 @@ fn compile(
     };
     backend.check_route(config, path, problems);
 
+    let mut rule = |key: &str, source: &Option<String>, op: Operation| -> Option<Rule> {
+        let source = source.as_ref()?;
+        if !config.allow.contains(&op) {
+            problem(
+                problems,
+                key,
+                format!("is set but allow does not include {op:?}").to_lowercase(),
+            );
+        }
+        match Rule::parse(source) {
+            Ok(rule) => Some(rule),
+            Err(e) => {
+                problem(problems, key, format!("{e} (in {source:?})"));
+                None
+            }
+        }
+    };
+    let subscribe_if = rule("subscribe_if", &config.subscribe_if, Operation::Subscribe);
+    let publish_if = rule("publish_if", &config.publish_if, Operation::Publish);
+
     let (channel, topic) = (channel?, topic?);
     for (key_name, message) in check_placeholders(&channel, &topic, key.as_ref()) {
         problem(problems, key_name, message);
+    }
+    let names: Vec<String> = channel
+        .placeholders()
+        .map(|p| p.key().into_owned())
+        .collect();
+    for (key_name, rule) in [("subscribe_if", &subscribe_if), ("publish_if", &publish_if)] {
+        for var in rule.iter().flat_map(|r| r.vars()) {
+            if !names.iter().any(|n| n == var) {
+                problem(
+                    problems,
+                    key_name,
+                    format!("{{{var}}} is not a placeholder of the channel template {channel}"),
+                );
+            }
+        }
     }
     if problems.len() != before {
         return None;
@@ -262,6 +305,8 @@ fn compile(
         allow_publish: config.allow.contains(&Operation::Publish),
         slow_consumer: config.slow_consumer,
         format: PayloadFormat::Json,
+        subscribe_if,
+        publish_if,
     })
 }
 

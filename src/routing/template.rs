@@ -160,6 +160,20 @@ impl<'a> Bindings<'a> {
     fn get(&self, key: &str) -> Option<&Bound<'a>> {
         self.values.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
+
+    /// Every bound placeholder with its value; `None` where the pattern has a wildcard.
+    pub fn to_vars(&self) -> Vec<(String, Option<String>)> {
+        self.values
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Bound::Exact(s) => Some(s.to_string()),
+                    Bound::Any => None,
+                };
+                (k.to_string(), value)
+            })
+            .collect()
+    }
 }
 
 /// Why a pattern does not bind to a template.

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Extension, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::auth::Principal;
+use super::limits::ConnectionPermit;
+use crate::auth::SUBPROTOCOL_TOKEN_PREFIX;
 use crate::session::protocol::Protocol;
 use crate::session::{self, SessionContext};
 
@@ -22,9 +23,14 @@ const READ_BUFFER_SIZE: usize = 4 * 1024;
 /// Bytes buffered before tungstenite writes to the socket; the writer flushes each batch anyway.
 const WRITE_BUFFER_SIZE: usize = 16 * 1024;
 
-/// The client's address, set per TCP connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// The client's address and its connection slot, set per TCP connection.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Held by the HTTP connection and by the WebSocket session it upgrades to; the slot is
+    /// released when both are gone.
+    pub _permit: Arc<ConnectionPermit>,
+}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -45,20 +51,40 @@ pub fn app(state: AppState) -> axum::Router {
 
 async fn upgrade(
     State(state): State<AppState>,
-    Extension(Peer(peer)): Extension<Peer>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if state.cx.shutdown.is_cancelled() {
+    let cx = &state.cx;
+    if cx.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    if let Some(allowed) = &cx.config.allowed_origins
+        && let Some(origin) = headers.get(header::ORIGIN)
+    {
+        let origin = origin.to_str().unwrap_or_default();
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+            tracing::info!(peer = %peer.addr, origin, "refused: origin not allowed");
+            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        }
+    }
+
+    // Entries carrying a token are not protocols; the client must still offer one we speak.
     let requested: Vec<String> = ws
         .requested_protocols()
-        .filter_map(|p| p.to_str().ok().map(str::to_owned))
+        .filter_map(|p| p.to_str().ok())
+        .filter(|p| !p.starts_with(SUBPROTOCOL_TOKEN_PREFIX))
+        .map(str::to_owned)
         .collect();
+    let offered_token = ws.requested_protocols().any(|p| {
+        p.as_bytes()
+            .starts_with(SUBPROTOCOL_TOKEN_PREFIX.as_bytes())
+    });
     let chosen = requested
         .iter()
         .find(|p| Protocol::from_subprotocol(Some(p)).is_some());
-    let protocol = match (chosen, requested.is_empty()) {
+    let protocol = match (chosen, requested.is_empty() && !offered_token) {
         (Some(name), _) => Protocol::from_subprotocol(Some(name)),
         (None, true) => Some(Protocol::Json),
         (None, false) => None,
@@ -73,14 +99,30 @@ async fn upgrade(
         )
             .into_response();
     };
+
+    let verified = match cx.auth.authenticate(&headers, &uri) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::info!(peer = %peer.addr, reason = %e, "refused: authentication failed");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    format!("Bearer error=\"invalid_token\", error_description=\"{e}\""),
+                )],
+                format!("{e}\n"),
+            )
+                .into_response();
+        }
+    };
+
     let ws = match chosen {
         Some(name) => ws.protocols([name.clone()]),
         None => ws,
     };
-
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let config = &state.cx.config;
-    let cx = state.cx.clone();
+    let config = &cx.config;
+    let cx = cx.clone();
     let token = state.tracker.token();
     ws.read_buffer_size(READ_BUFFER_SIZE)
         .write_buffer_size(WRITE_BUFFER_SIZE)
@@ -90,11 +132,13 @@ async fn upgrade(
             let metrics = cx.hub.metrics().clone();
             metrics.connections.inc();
             metrics.connections_total.inc();
-            let span = tracing::debug_span!("session", id, %peer);
+            let subject = verified.principal.display_name().to_owned();
+            let span = tracing::debug_span!("session", id, peer = %peer.addr, %subject);
             async move {
                 tracing::debug!("connected");
-                session::run(socket, id, protocol, Principal::anonymous(), cx).await;
+                session::run(socket, id, protocol, verified, cx).await;
                 metrics.connections.dec();
+                drop(peer);
                 drop(token);
             }
             .instrument(span)

@@ -22,11 +22,12 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Principal;
+use crate::auth::{Authenticator, Principal, Verified};
 use crate::config::ServerConfig;
 use crate::fanout::upstream::Member;
 use crate::fanout::{Hub, SubscriptionHandle};
 use crate::routing::ChannelPattern;
+use crate::server::limits::{LimitsConfig, PublishLimiter};
 use outbox::{Drained, OutItem, Outbox};
 use protocol::{PositionJson, Protocol, ProtocolError, Reply, Request, Status};
 
@@ -34,6 +35,8 @@ use protocol::{PositionJson, Protocol, ProtocolError, Reply, Request, Status};
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code sent on shutdown and idle timeout.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code sent when the connection's token expires without an in-band refresh.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// How long a closing connection waits for the client's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -43,18 +46,15 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 pub struct SessionContext {
     pub hub: Arc<Hub>,
     pub config: Arc<ServerConfig>,
+    pub limits: Arc<LimitsConfig>,
+    pub auth: Arc<Authenticator>,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
 }
 
 /// Runs one client connection to its end.
-pub async fn run<S>(
-    socket: S,
-    id: u64,
-    protocol: Protocol,
-    principal: Principal,
-    cx: SessionContext,
-) where
+pub async fn run<S>(socket: S, id: u64, protocol: Protocol, verified: Verified, cx: SessionContext)
+where
     S: Stream<Item = Result<Message, axum::Error>>
         + Sink<Message, Error = axum::Error>
         + Send
@@ -74,9 +74,11 @@ pub async fn run<S>(
     let mut session = Session {
         id,
         protocol,
-        principal,
+        expiry: expiry_instant(verified.expires_at, &cx),
+        principal: verified.principal,
         outbox: outbox.clone(),
         subscriptions: HashMap::new(),
+        limiter: PublishLimiter::new(&cx.limits, cx.config.max_message_size),
         cx,
     };
     session.read_loop(stream, &done).await;
@@ -93,9 +95,30 @@ struct Session {
     id: u64,
     protocol: Protocol,
     principal: Principal,
+    /// When the token expires (with the configured leeway); `None` without a token or `exp`.
+    expiry: Option<Instant>,
     outbox: Arc<Outbox>,
     subscriptions: HashMap<String, SubscriptionHandle>,
+    limiter: PublishLimiter,
     cx: SessionContext,
+}
+
+/// The instant a token with `exp` (seconds since the epoch) stops being accepted.
+fn expiry_instant(expires_at: Option<u64>, cx: &SessionContext) -> Option<Instant> {
+    let exp = expires_at?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let leeway = cx.auth_leeway();
+    let remaining = Duration::from_secs(exp.saturating_sub(now)) + leeway;
+    Some(Instant::now() + remaining)
+}
+
+impl SessionContext {
+    fn auth_leeway(&self) -> Duration {
+        self.auth.leeway()
+    }
 }
 
 type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = Reply> + Send>>>;
@@ -109,6 +132,8 @@ impl Session {
         let mut inflight: Inflight = FuturesUnordered::new();
         let idle_timeout = self.cx.config.idle_timeout;
         let mut deadline = pin!(sleep_until(Instant::now() + idle_timeout));
+        let far_future = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut expiry = pin!(sleep_until(self.expiry.unwrap_or(far_future)));
         let mut closing = false;
         // After an oversized frame the stream cannot be read safely (the rest of the frame would
         // be buffered); the connection only waits for its close frame to go out.
@@ -133,6 +158,18 @@ impl Session {
                 }
                 Some(reply) = inflight.next(), if !inflight.is_empty() => {
                     self.outbox.push_reply(reply);
+                }
+                _ = expiry.as_mut(), if !closing => {
+                    // A refresh may have moved the deadline since this timer was set.
+                    match self.expiry {
+                        Some(at) if at > Instant::now() => expiry.as_mut().reset(at),
+                        _ => {
+                            tracing::info!(id = self.id, subject = self.principal.display_name(), "token expired");
+                            self.outbox.close(CLOSE_TOKEN_EXPIRED, "token expired");
+                            closing = true;
+                            deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
+                        }
+                    }
                 }
                 _ = self.outbox.space(), if !can_read && !stop_reading => {}
                 _ = deadline.as_mut() => {
@@ -194,6 +231,13 @@ impl Session {
         };
         match request {
             Request::Ping { id } => self.outbox.push_reply(Reply::Pong { id }),
+            Request::Auth { id, token } => {
+                let reply = match self.refresh(&token).await {
+                    Ok(()) => Reply::ok(id),
+                    Err(e) => Reply::error(id, e.code, e.message),
+                };
+                self.outbox.push_reply(reply);
+            }
             Request::Subscribe { id, channel, from } => {
                 let reply = match self.subscribe(&channel, from).await {
                     Ok(()) => Reply::ok(id),
@@ -231,6 +275,11 @@ impl Session {
                         return;
                     }
                 };
+                if let Err(message) = self.limiter.check(payload.len()) {
+                    self.outbox
+                        .push_reply(Reply::error(id, "rate_limited", message));
+                    return;
+                }
                 let prepared = self.cx.hub.prepare_publish(
                     &self.principal,
                     &channel,
@@ -256,6 +305,56 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Replaces the connection's token with a fresh one for the same subject. Subscriptions the
+    /// new claims no longer allow are ended, each with a `subscription_revoked` status.
+    async fn refresh(&mut self, token: &str) -> Result<(), ProtocolError> {
+        let fail = |code, message: String| ProtocolError::new(None, code, message);
+        let verified = match self.cx.auth.verify(token) {
+            None => {
+                return Err(fail(
+                    "unsupported",
+                    "authentication is not enabled on this gateway".into(),
+                ));
+            }
+            Some(Err(e)) => return Err(fail("invalid_token", e.to_string())),
+            Some(Ok(v)) => v,
+        };
+        if verified.principal.subject != self.principal.subject {
+            tracing::info!(
+                id = self.id,
+                subject = self.principal.display_name(),
+                offered = verified.principal.display_name(),
+                "refused token refresh for another subject"
+            );
+            return Err(fail(
+                "forbidden",
+                "the new token is for another subject; reconnect to change identity".into(),
+            ));
+        }
+        self.expiry = expiry_instant(verified.expires_at, &self.cx);
+        self.principal = verified.principal;
+        let revoked: Vec<String> = self
+            .subscriptions
+            .values()
+            .filter(|h| !self.cx.hub.may_subscribe(&self.principal, h.pattern()))
+            .map(|h| h.pattern().to_string())
+            .collect();
+        for pattern in &revoked {
+            if let Some(handle) = self.subscriptions.remove(pattern) {
+                self.cx.hub.unsubscribe(handle, self.id).await;
+            }
+        }
+        if !revoked.is_empty() {
+            self.outbox.push_reply(Reply::Status(Status {
+                code: "subscription_revoked",
+                message: "the refreshed token no longer allows these subscriptions".into(),
+                subscriptions: revoked,
+                ..Status::default()
+            }));
+        }
+        Ok(())
     }
 
     async fn subscribe(

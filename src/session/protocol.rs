@@ -95,6 +95,11 @@ pub enum Request {
     Ping {
         id: RequestId,
     },
+    /// A fresh token for the same subject (in-band refresh).
+    Auth {
+        id: RequestId,
+        token: String,
+    },
 }
 
 impl Request {
@@ -103,7 +108,8 @@ impl Request {
             Request::Subscribe { id, .. }
             | Request::Unsubscribe { id, .. }
             | Request::Publish { id, .. }
-            | Request::Ping { id } => id,
+            | Request::Ping { id }
+            | Request::Auth { id, .. } => id,
         }
     }
 }
@@ -241,6 +247,8 @@ struct RawFrame<'a> {
     partition: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "some_raw")]
     from: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    token: Option<&'a RawValue>,
 }
 
 fn decode_json<'a>(text: &'a str) -> Result<Request, ProtocolError> {
@@ -395,11 +403,15 @@ fn decode_json<'a>(text: &'a str) -> Result<Request, ProtocolError> {
             })
         }
         "ping" => Ok(Request::Ping { id }),
+        "auth" => Ok(Request::Auth {
+            token: field(required(frame.token, "token")?, "token", &some_id)?,
+            id,
+        }),
         other => Err(ProtocolError::new(
             some_id,
             "unknown_type",
             format!(
-                "unknown request type {other:?}; expected subscribe, unsubscribe, publish or ping"
+                "unknown request type {other:?}; expected subscribe, unsubscribe, publish, ping or auth"
             ),
         )),
     }

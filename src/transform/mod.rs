@@ -80,6 +80,21 @@ pub enum ClientPayload {
     Binary(Bytes),
 }
 
+impl ClientPayload {
+    /// Size in bytes, as it will be sent.
+    pub fn len(&self) -> usize {
+        match self {
+            ClientPayload::Json(raw) => raw.get().len(),
+            ClientPayload::Text(text) => text.len(),
+            ClientPayload::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
