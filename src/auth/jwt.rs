@@ -357,6 +357,8 @@ impl JwtVerifier {
             ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
                 TokenError::Algorithm
             }
+            // `alg: none` and other unknown algorithms fail header parsing; say so.
+            _ if header_names_an_algorithm(token) => TokenError::Algorithm,
             _ => TokenError::Malformed,
         })?;
         let key = {
@@ -408,6 +410,19 @@ impl JwtVerifier {
             expires_at,
         })
     }
+}
+
+/// Whether the token's header is JSON with a string `alg` (that could not be used).
+fn header_names_an_algorithm(token: &str) -> bool {
+    use base64::Engine;
+    let Some(segment) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment.trim_end_matches('='))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .is_some_and(|header| header.get("alg").is_some_and(serde_json::Value::is_string))
 }
 
 fn parse_jwks(text: &str) -> Result<Vec<Key>, String> {

@@ -79,6 +79,29 @@ impl Client {
         }
     }
 
+    /// Connects with a customised upgrade request; a refused upgrade gives its HTTP status and
+    /// body.
+    pub async fn try_connect(
+        addr: SocketAddr,
+        customise: impl FnOnce(&mut tokio_tungstenite::tungstenite::handshake::client::Request),
+    ) -> Result<Client, (u16, String)> {
+        let mut request = ws_url(addr).into_client_request().unwrap();
+        customise(&mut request);
+        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                pending: VecDeque::new(),
+                next_id: 1,
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
+                response.status().as_u16(),
+                String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                    .into_owned(),
+            )),
+            Err(e) => Err((0, e.to_string())),
+        }
+    }
+
     pub async fn send(&mut self, frame: Value) {
         self.ws
             .send(Message::Text(frame.to_string().into()))
