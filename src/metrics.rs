@@ -16,6 +16,7 @@ pub struct Metrics {
     deliveries: IntCounterVec,
     dropped: IntCounterVec,
     unmapped: IntCounterVec,
+    decode_errors: IntCounterVec,
     publishes: IntCounterVec,
     upstreams: IntGaugeVec,
     backend_up: IntGaugeVec,
@@ -32,6 +33,8 @@ pub struct BackendMetrics {
     pub dropped: IntCounter,
     /// Broker messages whose topic did not map back to a client channel.
     pub unmapped: IntCounter,
+    /// Broker messages that did not decode as their route's payload type.
+    pub decode_errors: IntCounter,
     pub publishes_ok: IntCounter,
     pub publishes_failed: IntCounter,
     /// Upstream subscriptions currently held.
@@ -111,6 +114,12 @@ impl Metrics {
                 "Broker messages whose topic maps to no client channel",
                 b,
             ),
+            decode_errors: counter_vec(
+                &registry,
+                "wsbridge_decode_errors_total",
+                "Broker messages that did not decode as their route's payload format (skipped)",
+                b,
+            ),
             publishes: counter_vec(
                 &registry,
                 "wsbridge_publishes_total",
@@ -143,6 +152,7 @@ impl Metrics {
             deliveries: self.deliveries.with_label_values(&[name]),
             dropped: self.dropped.with_label_values(&[name]),
             unmapped: self.unmapped.with_label_values(&[name]),
+            decode_errors: self.decode_errors.with_label_values(&[name]),
             publishes_ok: self.publishes.with_label_values(&[name, "ok"]),
             publishes_failed: self.publishes.with_label_values(&[name, "error"]),
             upstreams: self.upstreams.with_label_values(&[name]),

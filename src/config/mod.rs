@@ -21,6 +21,7 @@ use crate::auth::AuthConfig;
 use crate::backends::BackendConfig;
 use crate::routing::Router;
 use crate::server::limits::LimitsConfig;
+use crate::transform::Schemas;
 
 pub use route::{Operation, RouteConfig, SlowConsumerPolicy};
 pub use server::ServerConfig;
@@ -83,9 +84,13 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    /// `.proto` files and folders, as listed in `schemas`.
+    pub schema_paths: Vec<std::path::PathBuf>,
+    /// The message types compiled from them.
+    pub schemas: Schemas,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["server", "backends", "routes", "auth", "limits"];
+const TOP_LEVEL_KEYS: &[&str] = &["server", "backends", "routes", "auth", "limits", "schemas"];
 
 impl Config {
     /// The embedded default: one `memory` backend, every channel routed to it.
@@ -142,6 +147,11 @@ impl Config {
             Some(v) => deserialize_section::<AuthConfig>(v, "auth", &mut problems),
             None => Some(AuthConfig::default()),
         };
+        let schema_paths: Vec<std::path::PathBuf> = match table.remove("schemas") {
+            Some(v) => deserialize_section(v, "schemas", &mut problems).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let schemas = Schemas::load(&schema_paths, &mut problems);
         let limits = match table.remove("limits") {
             Some(v) => deserialize_section::<LimitsConfig>(v, "limits", &mut problems),
             None => Some(LimitsConfig::default()),
@@ -225,6 +235,7 @@ impl Config {
         Router::check(
             routes.iter().map(|(i, r)| (*i, r)),
             &backends,
+            &schemas,
             &mut problems,
         );
         let all_routes_parsed = routes.len() == route_count;
@@ -252,6 +263,8 @@ impl Config {
                     routes,
                     auth,
                     limits,
+                    schema_paths,
+                    schemas,
                 })
             }
             _ => Err(ConfigError { problems }),

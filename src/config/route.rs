@@ -39,6 +39,13 @@ pub struct RouteConfig {
     /// Policy when a subscriber's outgoing queue is full.
     #[serde(default)]
     pub slow_consumer: SlowConsumerPolicy,
+    /// Broker-side payload encoding: `json` (default), `text`, `binary` or
+    /// `protobuf:<full message name>`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// JSON Schema (draft 2020-12) file that client publishes must match.
+    #[serde(default)]
+    pub json_schema: Option<std::path::PathBuf>,
     /// Rule that must hold for a subscribe (see docs/SECURITY.md).
     #[serde(default)]
     pub subscribe_if: Option<String>,

@@ -50,6 +50,12 @@ impl From<auth::AccessError> for RequestError {
     }
 }
 
+impl From<crate::transform::PayloadError> for RequestError {
+    fn from(e: crate::transform::PayloadError) -> Self {
+        RequestError::new("invalid_payload", e.0)
+    }
+}
+
 impl From<BackendError> for RequestError {
     fn from(e: BackendError) -> Self {
         RequestError::new(e.code(), e.to_string())
@@ -312,7 +318,7 @@ impl Hub {
                 route: route.index,
                 topic: resolved.topic.text,
                 key,
-                payload: route.format.to_broker(payload),
+                payload: route.encode_publish(payload)?,
                 headers,
                 partition,
             },

@@ -15,6 +15,17 @@ use crate::metrics::{BackendMetrics, Metrics};
 use crate::routing::{ChannelPattern, Route};
 use crate::session::outbox::{Outbox, Pushed};
 use crate::session::protocol::{Delivery, Protocol, Reply, Status};
+use crate::transform::{DecodeError, PayloadView};
+
+/// The `decode_error` status a JSON subscriber gets instead of a message it cannot be shown.
+fn decode_error_status(channel: &str, subscription: &str, error: &DecodeError) -> Reply {
+    Reply::Status(Status {
+        code: "decode_error",
+        message: format!("a message on {channel:?} was skipped: {error}"),
+        subscriptions: vec![subscription.to_owned()],
+        ..Status::default()
+    })
+}
 
 /// A connection subscribed through an upstream.
 #[derive(Clone)]
@@ -132,21 +143,38 @@ impl MessageSink for Fanout {
             if !group.pattern.matches(&channel) {
                 continue;
             }
-            let payload = group.route.format.to_client(&message.payload);
             let delivery = Delivery {
                 channel: &channel,
                 subscription: group.pattern.as_str(),
-                payload: &payload,
                 message: &message,
             };
-            let mut encoded: [Option<Message>; 1] = [None];
+            // The client-side view (a Protobuf decode, for example) is computed at most once per
+            // group and only when a member's protocol needs it; frames once per protocol.
+            let mut view: Option<Result<PayloadView, DecodeError>> = None;
+            let mut encoded: [Option<Message>; Protocol::COUNT] = Default::default();
             for member in &group.members {
-                let slot = match member.protocol {
-                    Protocol::Json => &mut encoded[0],
-                };
-                let frame = slot
-                    .get_or_insert_with(|| member.protocol.encode_delivery(&delivery))
-                    .clone();
+                let slot = &mut encoded[member.protocol.index()];
+                if slot.is_none() {
+                    let payload_view = if member.protocol.needs_payload_view() {
+                        let view = view
+                            .get_or_insert_with(|| group.route.format.to_client(&message.payload));
+                        match view {
+                            Ok(v) => Some(&*v),
+                            Err(e) => {
+                                member.outbox.push_reply(decode_error_status(
+                                    &channel,
+                                    group.pattern.as_str(),
+                                    e,
+                                ));
+                                continue;
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    *slot = Some(member.protocol.encode_delivery(&delivery, payload_view));
+                }
+                let Some(frame) = slot.clone() else { continue };
                 match member.outbox.push_message(frame, group.route.slow_consumer) {
                     Pushed::Queued => self.metrics.deliveries.inc(),
                     Pushed::DroppedOldest => {
@@ -156,6 +184,10 @@ impl MessageSink for Fanout {
                     Pushed::Disconnected => self.global.slow_consumer_disconnects.inc(),
                     Pushed::Closed => {}
                 }
+            }
+            if let Some(Err(e)) = &view {
+                self.metrics.decode_errors.inc();
+                tracing::debug!(topic = %message.topic, error = %e, "undecodable broker message skipped");
             }
         }
         if !mapped && !groups.is_empty() {

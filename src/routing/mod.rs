@@ -20,7 +20,7 @@ pub use template::{
 use crate::auth::rules::Rule;
 use crate::backends::BackendConfig;
 use crate::config::{ConfigProblem, Operation, RouteConfig, SlowConsumerPolicy};
-use crate::transform::PayloadFormat;
+use crate::transform::{ClientPayload, JsonSchema, PayloadError, PayloadFormat, Schemas};
 
 /// A compiled route.
 #[derive(Debug)]
@@ -37,6 +37,8 @@ pub struct Route {
     pub allow_publish: bool,
     pub slow_consumer: SlowConsumerPolicy,
     pub format: PayloadFormat,
+    /// Schema client publishes must match (checked on their JSON form).
+    pub json_schema: Option<JsonSchema>,
     /// Extra condition for subscribing (see [`crate::auth::rules`]).
     pub subscribe_if: Option<Rule>,
     /// Extra condition for publishing.
@@ -50,6 +52,15 @@ impl Route {
             Operation::Subscribe => self.allow_subscribe,
             Operation::Publish => self.allow_publish,
         }
+    }
+
+    /// Checks a client payload against the route's JSON schema and encodes it for the broker.
+    pub fn encode_publish(&self, payload: ClientPayload) -> Result<bytes::Bytes, PayloadError> {
+        if let Some(schema) = &self.json_schema {
+            let value = self.format.json_view(&payload)?;
+            schema.check(&value).map_err(PayloadError)?;
+        }
+        self.format.to_broker(payload)
     }
 
     /// The client channel for a broker topic and key, if this route maps them to one.
@@ -101,9 +112,10 @@ impl Router {
     pub fn build(
         routes: &[RouteConfig],
         backends: &BTreeMap<String, BackendConfig>,
+        schemas: &Schemas,
     ) -> Result<Router, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
-        let compiled = compile_all(routes.iter().enumerate(), backends, &mut problems);
+        let compiled = compile_all(routes.iter().enumerate(), backends, schemas, &mut problems);
         if problems.is_empty() {
             Ok(Router { routes: compiled })
         } else {
@@ -115,9 +127,10 @@ impl Router {
     pub fn check<'r>(
         routes: impl Iterator<Item = (usize, &'r RouteConfig)>,
         backends: &BTreeMap<String, BackendConfig>,
+        schemas: &Schemas,
         problems: &mut Vec<ConfigProblem>,
     ) {
-        compile_all(routes, backends, problems);
+        compile_all(routes, backends, schemas, problems);
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -174,12 +187,13 @@ impl Router {
 fn compile_all<'r>(
     routes: impl Iterator<Item = (usize, &'r RouteConfig)>,
     backends: &BTreeMap<String, BackendConfig>,
+    schemas: &Schemas,
     problems: &mut Vec<ConfigProblem>,
 ) -> Vec<Arc<Route>> {
     let mut compiled = Vec::new();
     for (index, config) in routes {
         let path = format!("routes[{index}]");
-        if let Some(route) = compile(index, config, backends, &path, problems) {
+        if let Some(route) = compile(index, config, backends, schemas, &path, problems) {
             compiled.push(Arc::new(route));
         }
     }
@@ -190,6 +204,7 @@ fn compile(
     index: usize,
     config: &RouteConfig,
     backends: &BTreeMap<String, BackendConfig>,
+    schemas: &Schemas,
     path: &str,
     problems: &mut Vec<ConfigProblem>,
 ) -> Option<Route> {
@@ -250,6 +265,29 @@ fn compile(
             .ok(),
     };
     backend.check_route(config, path, problems);
+    let format = match &config.format {
+        None => Some(PayloadFormat::Json),
+        Some(text) => PayloadFormat::parse(text, schemas)
+            .map_err(|e| problem(problems, "format", e))
+            .ok(),
+    };
+    let json_schema = match &config.json_schema {
+        None => None,
+        Some(file) => match JsonSchema::load(file) {
+            Ok(schema) => Some(schema),
+            Err(e) => {
+                problem(problems, "json_schema", e);
+                None
+            }
+        },
+    };
+    if json_schema.is_some() && !config.allow.contains(&Operation::Publish) {
+        problem(
+            problems,
+            "json_schema",
+            "is set but allow does not include publish; it only checks publishes".into(),
+        );
+    }
 
     let mut rule = |key: &str, source: &Option<String>, op: Operation| -> Option<Rule> {
         let source = source.as_ref()?;
@@ -304,7 +342,8 @@ fn compile(
         allow_subscribe: config.allow.contains(&Operation::Subscribe),
         allow_publish: config.allow.contains(&Operation::Publish),
         slow_consumer: config.slow_consumer,
-        format: PayloadFormat::Json,
+        format: format?,
+        json_schema,
         subscribe_if,
         publish_if,
     })
@@ -372,7 +411,7 @@ mod tests {
     fn router(routes: &str) -> Router {
         let text = format!("[backends.local]\ntype = \"memory\"\n{routes}");
         let config = Config::from_toml_with_env(&text, &|_| None).unwrap();
-        Router::build(&config.routes, &config.backends).unwrap()
+        Router::build(&config.routes, &config.backends, &config.schemas).unwrap()
     }
 
     fn resolve(router: &Router, pattern: &str) -> Result<(usize, String), RouteError> {

@@ -73,7 +73,7 @@ impl Gateway {
             .map(|t| t.acceptor())
             .transpose()
             .map_err(StartError::Tls)?;
-        let router = Router::build(&config.routes, &config.backends)
+        let router = Router::build(&config.routes, &config.backends, &config.schemas)
             .map_err(|problems| StartError::Config(crate::config::ConfigError { problems }))?;
         let mut backends = Vec::with_capacity(config.backends.len());
         for (name, backend_config) in &config.backends {

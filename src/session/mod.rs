@@ -63,12 +63,16 @@ where
     let (sink, stream) = socket.split();
     let outbox = Arc::new(Outbox::new(cx.config.queue_capacity));
     let done = CancellationToken::new();
+    let close_sent = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         sink,
         outbox.clone(),
         protocol,
         cx.config.ping_interval,
-        done.clone(),
+        WriterSignals {
+            done: done.clone(),
+            close_sent: close_sent.clone(),
+        },
     ));
 
     let mut session = Session {
@@ -81,7 +85,7 @@ where
         limiter: PublishLimiter::new(&cx.limits, cx.config.max_message_size),
         cx,
     };
-    session.read_loop(stream, &done).await;
+    session.read_loop(stream, &done, &close_sent).await;
 
     done.cancel();
     let _ = writer.await;
@@ -124,8 +128,12 @@ impl SessionContext {
 type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = Reply> + Send>>>;
 
 impl Session {
-    async fn read_loop<R>(&mut self, stream: R, done: &CancellationToken)
-    where
+    async fn read_loop<R>(
+        &mut self,
+        stream: R,
+        done: &CancellationToken,
+        close_sent: &CancellationToken,
+    ) where
         R: Stream<Item = Result<Message, axum::Error>> + Send,
     {
         let mut stream = pin!(stream);
@@ -146,6 +154,11 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = done.cancelled() => break,
+                // The writer sent a close this loop did not ask for (e.g. slow consumer).
+                _ = close_sent.cancelled(), if !closing => {
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
+                }
                 _ = self.cx.shutdown.cancelled(), if !closing => {
                     self.outbox.push_reply(Reply::Status(Status {
                         code: "shutting_down",
@@ -400,15 +413,24 @@ fn is_capacity_error(e: axum::Error) -> bool {
     matches!(inner.downcast_ref::<Error>(), Some(Error::Capacity(_)))
 }
 
+/// How the writer and reader tell each other about the end of the connection.
+struct WriterSignals {
+    /// Either side ends the connection; both stop.
+    done: CancellationToken,
+    /// The writer has sent a close frame.
+    close_sent: CancellationToken,
+}
+
 async fn write_loop<W>(
     mut sink: W,
     outbox: Arc<Outbox>,
     protocol: Protocol,
     ping_interval: Duration,
-    done: CancellationToken,
+    signals: WriterSignals,
 ) where
     W: Sink<Message, Error = axum::Error> + Unpin,
 {
+    let done = signals.done.clone();
     let mut drained = Drained::default();
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -469,11 +491,9 @@ async fn write_loop<W>(
             return;
         }
         if close.is_some() {
-            // The close frame is out; the reader waits for the client's reply, but not forever.
-            tokio::select! {
-                _ = done.cancelled() => {}
-                _ = tokio::time::sleep(CLOSE_WAIT) => done.cancel(),
-            }
+            // The close frame is out; the reader waits (boundedly) for the client's reply.
+            signals.close_sent.cancel();
+            done.cancelled().await;
             return;
         }
     }

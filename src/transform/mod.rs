@@ -10,10 +10,31 @@
 //! - anything else arrives base64-encoded, flagged with `"encoding": "base64"`;
 //! - a client's JSON string is sent as its raw UTF-8 text, any other JSON value as its JSON text,
 //!   and a payload flagged `"encoding": "base64"` as the decoded bytes.
+//!
+//! `protobuf:<message>` routes decode broker bytes with a message type compiled at start-up from
+//! the `schemas` files ([`protobuf::Schemas`]) into canonical proto3 JSON, and encode clients' JSON
+//! into the binary form. A route's optional [`json_schema::JsonSchema`] checks what clients publish.
+
+pub mod json_schema;
+pub mod protobuf;
 
 use bytes::Bytes;
+use prost_reflect::MessageDescriptor;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
+
+pub use json_schema::JsonSchema;
+pub use protobuf::Schemas;
+
+/// A publish whose payload does not fit the route; sent to the client as `invalid_payload`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PayloadError(pub String);
+
+/// Broker bytes that cannot be shown to JSON clients (they do not decode as the route's type).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
 
 /// A route's broker-side payload encoding (`format` in the route config).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,28 +46,68 @@ pub enum PayloadFormat {
     Text,
     /// Always base64.
     Binary,
+    /// Protobuf-encoded messages of this type; JSON clients see the proto3 JSON mapping.
+    Protobuf(MessageDescriptor),
 }
 
 impl PayloadFormat {
-    /// Turns broker bytes into the client-side view.
-    pub fn to_client(&self, bytes: &Bytes) -> PayloadView {
-        match self {
+    /// Parses a route's `format` value.
+    pub fn parse(text: &str, schemas: &Schemas) -> Result<PayloadFormat, String> {
+        match text {
+            "json" => Ok(PayloadFormat::Json),
+            "text" => Ok(PayloadFormat::Text),
+            "binary" => Ok(PayloadFormat::Binary),
+            other => match other.strip_prefix("protobuf:") {
+                Some(name) => schemas.message(name).map(PayloadFormat::Protobuf),
+                None => Err(format!(
+                    "unknown format {other:?}; one of \"json\", \"text\", \"binary\", \"protobuf:<full message name>\""
+                )),
+            },
+        }
+    }
+
+    /// Turns broker bytes into the client-side (JSON protocol) view.
+    pub fn to_client(&self, bytes: &Bytes) -> Result<PayloadView, DecodeError> {
+        Ok(match self {
             PayloadFormat::Json if serde_json::from_slice::<IgnoredAny>(bytes).is_ok() => {
                 PayloadView::Json(bytes.clone())
             }
             PayloadFormat::Json | PayloadFormat::Text if std::str::from_utf8(bytes).is_ok() => {
                 PayloadView::Text(bytes.clone())
             }
+            PayloadFormat::Protobuf(message) => {
+                PayloadView::Json(protobuf::to_json(message, bytes)?)
+            }
             _ => PayloadView::Binary(bytes.clone()),
-        }
+        })
     }
 
     /// Turns a client payload into broker bytes.
-    pub fn to_broker(&self, payload: ClientPayload) -> Bytes {
-        match payload {
-            ClientPayload::Json(raw) => Bytes::from(raw.get().to_owned().into_bytes()),
-            ClientPayload::Text(text) => Bytes::from(text.into_bytes()),
-            ClientPayload::Binary(bytes) => bytes,
+    pub fn to_broker(&self, payload: ClientPayload) -> Result<Bytes, PayloadError> {
+        match (self, payload) {
+            (PayloadFormat::Protobuf(message), payload) => protobuf::from_client(message, payload),
+            (_, ClientPayload::Json(raw)) => Ok(Bytes::from(raw.get().to_owned().into_bytes())),
+            (_, ClientPayload::Text(text)) => Ok(Bytes::from(text.into_bytes())),
+            (_, ClientPayload::Binary(bytes)) => Ok(bytes),
+        }
+    }
+
+    /// The JSON a client payload stands for, as checked by a route's JSON schema.
+    pub fn json_view(&self, payload: &ClientPayload) -> Result<serde_json::Value, PayloadError> {
+        match (self, payload) {
+            (_, ClientPayload::Json(raw)) => serde_json::from_str(raw.get())
+                .map_err(|e| PayloadError(format!("payload is not valid JSON: {e}"))),
+            (_, ClientPayload::Text(text)) => Ok(serde_json::Value::String(text.clone())),
+            (PayloadFormat::Protobuf(message), ClientPayload::Binary(bytes)) => {
+                let json = protobuf::to_json(message, bytes).map_err(|e| PayloadError(e.0))?;
+                serde_json::from_slice(&json).map_err(|e| PayloadError(e.to_string()))
+            }
+            (_, ClientPayload::Binary(bytes)) => serde_json::from_slice(bytes).map_err(|_| {
+                PayloadError(
+                    "payload is not JSON, so it cannot be checked against the route's JSON schema"
+                        .into(),
+                )
+            }),
         }
     }
 }
@@ -99,40 +160,40 @@ impl ClientPayload {
 mod tests {
     use super::*;
 
+    fn b(s: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(s)
+    }
+
+    fn view(format: &PayloadFormat, bytes: &[u8]) -> PayloadView {
+        format.to_client(&b(bytes)).unwrap()
+    }
+
     #[test]
     fn json_format_applies_the_payload_rules() {
         let f = PayloadFormat::Json;
-        let b = |s: &[u8]| Bytes::copy_from_slice(s);
+        assert_eq!(view(&f, b"{\"a\": 1}"), PayloadView::Json(b(b"{\"a\": 1}")));
+        assert_eq!(view(&f, b"42"), PayloadView::Json(b(b"42")));
+        assert_eq!(view(&f, b"\"hi\""), PayloadView::Json(b(b"\"hi\"")));
         assert_eq!(
-            f.to_client(&b(b"{\"a\": 1}")),
-            PayloadView::Json(b(b"{\"a\": 1}"))
-        );
-        assert_eq!(f.to_client(&b(b"42")), PayloadView::Json(b(b"42")));
-        assert_eq!(f.to_client(&b(b"\"hi\"")), PayloadView::Json(b(b"\"hi\"")));
-        assert_eq!(
-            f.to_client(&b(b"hello world")),
+            view(&f, b"hello world"),
             PayloadView::Text(b(b"hello world"))
         );
+        assert_eq!(view(&f, b"{broken"), PayloadView::Text(b(b"{broken")));
+        assert_eq!(view(&f, b""), PayloadView::Text(b(b"")));
         assert_eq!(
-            f.to_client(&b(b"{broken")),
-            PayloadView::Text(b(b"{broken"))
-        );
-        assert_eq!(f.to_client(&b(b"")), PayloadView::Text(b(b"")));
-        assert_eq!(
-            f.to_client(&b(&[0xff, 0x00])),
+            view(&f, &[0xff, 0x00]),
             PayloadView::Binary(b(&[0xff, 0x00]))
         );
     }
 
     #[test]
     fn text_and_binary_formats_do_not_interpret_json() {
-        let b = |s: &[u8]| Bytes::copy_from_slice(s);
         assert_eq!(
-            PayloadFormat::Text.to_client(&b(b"42")),
+            view(&PayloadFormat::Text, b"42"),
             PayloadView::Text(b(b"42"))
         );
         assert_eq!(
-            PayloadFormat::Binary.to_client(&b(b"42")),
+            view(&PayloadFormat::Binary, b"42"),
             PayloadView::Binary(b(b"42"))
         );
     }
@@ -142,13 +203,33 @@ mod tests {
         let f = PayloadFormat::Json;
         let raw = RawValue::from_string("{\"x\": [1, 2]}".into()).unwrap();
         assert_eq!(
-            &f.to_broker(ClientPayload::Json(raw))[..],
+            &f.to_broker(ClientPayload::Json(raw)).unwrap()[..],
             b"{\"x\": [1, 2]}"
         );
-        assert_eq!(&f.to_broker(ClientPayload::Text("ON".into()))[..], b"ON");
         assert_eq!(
-            &f.to_broker(ClientPayload::Binary(Bytes::from_static(&[1, 2])))[..],
-            &[1, 2]
+            &f.to_broker(ClientPayload::Text("ON".into())).unwrap()[..],
+            b"ON"
+        );
+        let bytes = ClientPayload::Binary(Bytes::from_static(&[1, 2]));
+        assert_eq!(&f.to_broker(bytes).unwrap()[..], &[1, 2]);
+    }
+
+    #[test]
+    fn formats_parse_by_name() {
+        let schemas = Schemas::empty();
+        assert_eq!(
+            PayloadFormat::parse("text", &schemas),
+            Ok(PayloadFormat::Text)
+        );
+        assert!(
+            PayloadFormat::parse("yaml", &schemas)
+                .unwrap_err()
+                .contains("unknown format")
+        );
+        assert!(
+            PayloadFormat::parse("protobuf:a.B", &schemas)
+                .unwrap_err()
+                .contains("unknown message type")
         );
     }
 }

@@ -36,6 +36,8 @@ pub fn unique(prefix: &str) -> String {
 pub async fn start(config: &str) -> Gateway {
     let mut config = Config::from_toml(config).unwrap_or_else(|e| panic!("config: {e}"));
     config.server.listen = "127.0.0.1:0".parse().unwrap();
+    // Test clients often do not answer the shutdown close; do not wait long for them.
+    config.server.shutdown_grace = Duration::from_secs(1);
     Gateway::start(config).await.expect("gateway starts")
 }
 

@@ -1,226 +1,14 @@
-//! The client protocol: requests a client sends, and the frames the gateway sends back.
-//!
-//! [`Protocol`] is the codec negotiated as the WebSocket subprotocol. Requests decode into
-//! [`Request`]; replies and status events are [`Reply`] values encoded per connection; broker
-//! messages are encoded once per protocol by the fan-out ([`Protocol::encode_delivery`]) and the
-//! resulting frame is shared by every subscriber. docs/PROTOCOL.md documents every frame.
+//! The JSON protocol (`wsbridge.v1.json`): one JSON object per text frame.
 
-use axum::extract::ws::{Message, Utf8Bytes};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::backends::{BrokerMessage, Position, StartPosition};
+use super::{Delivery, ProtocolError, Request, RequestId};
+use crate::backends::StartPosition;
 use crate::transform::{ClientPayload, PayloadView};
-
-/// Subprotocol name of the JSON protocol (also used when a client asks for none).
-pub const JSON_SUBPROTOCOL: &str = "wsbridge.v1.json";
-
-/// A client protocol, chosen by subprotocol at the handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Json,
-}
-
-impl Protocol {
-    /// Subprotocols the gateway offers, in order of preference.
-    pub const SUBPROTOCOLS: &'static [&'static str] = &[JSON_SUBPROTOCOL];
-
-    pub fn from_subprotocol(name: Option<&str>) -> Option<Protocol> {
-        match name {
-            None | Some(JSON_SUBPROTOCOL) => Some(Protocol::Json),
-            Some(_) => None,
-        }
-    }
-
-    /// Decodes one WebSocket data frame into a request.
-    pub fn decode(&self, message: &Message) -> Result<Request, ProtocolError> {
-        match (self, message) {
-            (Protocol::Json, Message::Text(text)) => decode_json(text.as_str()),
-            (Protocol::Json, _) => Err(ProtocolError::new(
-                None,
-                "unsupported_frame",
-                "binary frames are not part of wsbridge.v1.json; send one JSON object per text frame",
-            )),
-        }
-    }
-
-    /// Encodes a reply or status frame.
-    pub fn encode_reply(&self, reply: &Reply) -> Message {
-        match self {
-            Protocol::Json => Message::Text(Utf8Bytes::from(
-                serde_json::to_string(reply).expect("replies serialize"),
-            )),
-        }
-    }
-
-    /// Encodes a broker message for one subscription; the frame is shared by its subscribers.
-    pub fn encode_delivery(&self, delivery: &Delivery<'_>) -> Message {
-        match self {
-            Protocol::Json => Message::Text(Utf8Bytes::from(encode_delivery_json(delivery))),
-        }
-    }
-}
-
-/// The `id` of a request, echoed in its reply exactly as the client sent it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum RequestId {
-    Str(String),
-    Num(serde_json::Number),
-}
-
-/// A decoded client request.
-#[derive(Debug, Clone)]
-pub enum Request {
-    Subscribe {
-        id: RequestId,
-        channel: String,
-        from: StartPosition,
-    },
-    Unsubscribe {
-        id: RequestId,
-        channel: String,
-    },
-    Publish {
-        id: RequestId,
-        channel: String,
-        payload: ClientPayload,
-        key: Option<String>,
-        headers: Vec<(String, String)>,
-        partition: Option<i32>,
-    },
-    Ping {
-        id: RequestId,
-    },
-    /// A fresh token for the same subject (in-band refresh).
-    Auth {
-        id: RequestId,
-        token: String,
-    },
-}
-
-impl Request {
-    pub fn id(&self) -> &RequestId {
-        match self {
-            Request::Subscribe { id, .. }
-            | Request::Unsubscribe { id, .. }
-            | Request::Publish { id, .. }
-            | Request::Ping { id }
-            | Request::Auth { id, .. } => id,
-        }
-    }
-}
-
-/// A request the gateway could not accept, with its documented error code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProtocolError {
-    pub id: Option<RequestId>,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ProtocolError {
-    pub fn new(id: Option<RequestId>, code: &'static str, message: impl Into<String>) -> Self {
-        ProtocolError {
-            id,
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn into_reply(self) -> Reply {
-        Reply::Error {
-            id: self.id,
-            code: self.code,
-            message: self.message,
-        }
-    }
-}
-
-/// A frame the gateway sends other than a broker message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Reply {
-    Ok {
-        id: RequestId,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        position: Option<PositionJson>,
-    },
-    Error {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<RequestId>,
-        code: &'static str,
-        message: String,
-    },
-    Pong {
-        id: RequestId,
-    },
-    Status(Status),
-}
-
-impl Reply {
-    pub fn ok(id: RequestId) -> Reply {
-        Reply::Ok { id, position: None }
-    }
-
-    pub fn error(id: RequestId, code: &'static str, message: impl Into<String>) -> Reply {
-        Reply::Error {
-            id: Some(id),
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-/// A `status` frame: something the gateway reports on its own.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Status {
-    /// What happened: `backend_down`, `backend_up`, `messages_dropped`, `gap`, `shutting_down`.
-    pub code: &'static str,
-    pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backend: Option<String>,
-    /// The client's subscriptions the event concerns.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub subscriptions: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub count: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub partition: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub requested_offset: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub available_offset: Option<i64>,
-}
-
-/// `{"partition": p, "offset": o}` in frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct PositionJson {
-    pub partition: i32,
-    pub offset: i64,
-}
-
-impl From<Position> for PositionJson {
-    fn from(p: Position) -> Self {
-        PositionJson {
-            partition: p.partition,
-            offset: p.offset,
-        }
-    }
-}
-
-/// A broker message on its way to the subscribers of one client pattern.
-pub struct Delivery<'a> {
-    /// The concrete client channel.
-    pub channel: &'a str,
-    /// The client pattern the subscribers subscribed with.
-    pub subscription: &'a str,
-    pub payload: &'a PayloadView,
-    pub message: &'a BrokerMessage,
-}
 
 fn some_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
@@ -251,7 +39,7 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
 }
 
-fn decode_json<'a>(text: &'a str) -> Result<Request, ProtocolError> {
+pub(super) fn decode_json<'a>(text: &'a str) -> Result<Request, ProtocolError> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => ProtocolError::new(None, "invalid_frame", "a frame must be one JSON object"),
@@ -488,15 +276,15 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
-fn encode_delivery_json(d: &Delivery<'_>) -> String {
+pub(super) fn encode_delivery_json(d: &Delivery<'_>, payload: &PayloadView) -> String {
     let m = d.message;
-    let mut out = Vec::with_capacity(d.payload.bytes().len() + d.channel.len() * 2 + 96);
+    let mut out = Vec::with_capacity(payload.bytes().len() + d.channel.len() * 2 + 96);
     out.extend_from_slice(br#"{"type":"message","channel":"#);
     push_json_str(&mut out, d.channel);
     out.extend_from_slice(br#","subscription":"#);
     push_json_str(&mut out, d.subscription);
     out.extend_from_slice(br#","payload":"#);
-    match d.payload {
+    match payload {
         PayloadView::Json(bytes) => out.extend_from_slice(bytes),
         PayloadView::Text(bytes) => push_json_str(
             &mut out,
@@ -564,6 +352,8 @@ fn headers_json(headers: &[(String, String)]) -> serde_json::Map<String, serde_j
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::{BrokerMessage, Position};
+    use crate::session::protocol::{Reply, Status};
 
     fn decode(text: &str) -> Result<Request, ProtocolError> {
         decode_json(text)
@@ -679,12 +469,14 @@ mod tests {
             ..Default::default()
         };
         let frame = |payload: PayloadView| {
-            let text = encode_delivery_json(&Delivery {
-                channel: "c/\"q\"",
-                subscription: "c/#",
-                payload: &payload,
-                message: &message,
-            });
+            let text = encode_delivery_json(
+                &Delivery {
+                    channel: "c/\"q\"",
+                    subscription: "c/#",
+                    message: &message,
+                },
+                &payload,
+            );
             serde_json::from_str::<serde_json::Value>(&text).unwrap()
         };
         let v = frame(PayloadView::Json(Bytes::from_static(b"{\"x\": [1]}")));
