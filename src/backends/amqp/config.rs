@@ -197,6 +197,15 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
     if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
         return Err("must start with amqp:// or amqps://".into());
     }
+    // The client library reads an IPv6 literal as "localhost"; refuse it rather than connect
+    // somewhere else.
+    if url
+        .split('/')
+        .nth(2)
+        .is_some_and(|authority| authority.contains('['))
+    {
+        return Err("IPv6 address literals are not supported; use a host name".into());
+    }
     if parsed.vhost.is_empty() {
         return Err(
             "names the empty vhost (a trailing '/' means vhost \"\"); write %2f for the default vhost \"/\" or leave the path out"
@@ -550,6 +559,25 @@ mod tests {
         assert_eq!(super::widest_binding_key("orders.{region}.#"), "orders.*.#");
         assert_eq!(super::widest_binding_key("plant-{site}.data"), "*.data");
         assert_eq!(super::widest_binding_key("fixed"), "fixed");
+    }
+
+    #[test]
+    fn urls_name_the_host_and_vhost_they_say() {
+        let parsed = super::parse_url("amqp://u:p@10.1.2.3:5673").unwrap();
+        assert_eq!(parsed.authority.host, "10.1.2.3");
+        assert_eq!(parsed.authority.port, 5673);
+        assert_eq!(parsed.vhost, "/");
+        assert_eq!(super::parse_url("amqps://h/prod").unwrap().vhost, "prod");
+        assert!(
+            super::parse_url("amqp://[::1]:5672/%2f")
+                .unwrap_err()
+                .contains("IPv6")
+        );
+        assert!(
+            super::parse_url("amqp://h/")
+                .unwrap_err()
+                .contains("empty vhost")
+        );
     }
 
     #[test]
