@@ -432,3 +432,42 @@ allow = ["subscribe", "publish"]
     gw.shutdown().await;
     delete_queue(&queue).await;
 }
+
+#[tokio::test]
+async fn a_stalled_socket_does_not_hold_up_the_consumer() {
+    let exchange = unique("wsb.slow.");
+    let text = format!(
+        "[server]\nqueue_capacity = 64\n{}",
+        config("rabbit", &exchange, "")
+    );
+    let gw = start_connected(&text).await;
+    let addr = gw.local_addr();
+    let mut stalled = Client::connect(addr).await;
+    stalled.subscribe("orders/eu/#").await;
+    let mut healthy = Client::connect(addr).await;
+    healthy.subscribe("orders/eu/#").await;
+
+    // 2000 messages of 16 KiB (32 MB): far more than socket buffers and the queue hold, so the
+    // stalled socket must lose messages while the broker's deliveries keep flowing.
+    let total = 2000;
+    let pad = "x".repeat(16 * 1024);
+    let reader = tokio::spawn(async move {
+        for seq in 0..total {
+            let m = healthy.next_message().await;
+            assert_eq!(m["payload"]["seq"], seq, "every message, in order");
+        }
+    });
+    let mut publisher = Client::connect(addr).await;
+    for seq in 0..total {
+        publisher
+            .send(json!({"type": "publish", "id": seq, "channel": "orders/eu/1", "payload": {"seq": seq, "pad": pad}}))
+            .await;
+        if seq % 64 == 63 {
+            assert_eq!(publisher.reply_to(json!(seq)).await["type"], "ok");
+        }
+    }
+    reader.await.expect("the healthy client got every message");
+    let status = stalled.next_of("status").await;
+    assert_eq!(status["code"], "messages_dropped", "{status}");
+    gw.shutdown().await;
+}
