@@ -209,6 +209,13 @@ topic = "doomed.#"
 allow = ["publish"]
 
 [[routes]]
+channel = "missing/#"
+backend = "rabbit"
+exchange = "{exchange}.missing"
+topic = "missing.#"
+allow = ["subscribe"]
+
+[[routes]]
 channel = "strict/#"
 backend = "rabbit"
 exchange = "{exchange}"
@@ -244,6 +251,15 @@ allow = ["publish"]
     let reply = client.publish("strict/x", json!(5)).await;
     assert_eq!(reply["type"], "ok", "{reply}");
     assert_eq!(consumer.next().await["body"], "5");
+
+    // A binding to an exchange that does not exist fails alone; the next subscription works.
+    let reply = client
+        .request(json!({"type": "subscribe", "channel": "missing/a"}))
+        .await;
+    assert_eq!(reply["code"], "not_found", "{reply}");
+    client.subscribe("orders/eu/#").await;
+    pika_publish(&exchange, "orders.eu.9", "9", json!({})).await;
+    assert_eq!(client.next_message().await["payload"], 9);
 
     // What AMQP cannot do is refused with a clear error.
     let reply = client

@@ -418,6 +418,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../../config/amqp.toml");
+        let config = Config::from_toml_with_env(text, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.routes.len(), 4);
+    }
+
+    #[test]
     fn backend_table_problems_name_their_key() {
         let text = format!(
             r#"
