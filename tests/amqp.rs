@@ -429,8 +429,12 @@ allow = ["subscribe", "publish"]
     assert_eq!(waiting["routing_key"], "jobs.resize");
     assert_eq!(waiting["body"], r#"{"w":1}"#);
 
-    // Subscribing makes the gateway one of the queue's competing consumers.
+    // Subscribing makes the gateway one of the queue's competing consumers, for the whole route.
     let mut worker = Client::connect(addr).await;
+    let reply = worker
+        .request(json!({"type": "subscribe", "channel": "jobs/resize"}))
+        .await;
+    assert_eq!(reply["code"], "unsupported_pattern", "{reply}");
     worker.subscribe("jobs/+").await;
     pika_publish(&exchange, "jobs.encode", "\"e\"", json!({})).await;
     let m = worker.next_message().await;

@@ -225,6 +225,11 @@ impl Shared {
 
     /// Connects, reconnecting with exponential backoff until shutdown.
     async fn supervise(self: Arc<Self>) {
+        self.reconnect_loop().await;
+        self.close_session().await;
+    }
+
+    async fn reconnect_loop(self: &Arc<Self>) {
         let mut delay = self.config.reconnect_initial;
         loop {
             let attempt = tokio::select! {
@@ -409,6 +414,18 @@ impl Shared {
         }
     }
 
+    /// Closes the connection for good.
+    async fn close_session(&self) {
+        let session = self.session.lock().await.take();
+        if let Some(session) = session {
+            let reply = "gateway shutting down".into();
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.connection.close(200, reply)).await;
+        }
+        self.set_health(Health::Down {
+            reason: "closed".into(),
+        });
+    }
+
     /// Forgets a lost connection, closing it if it is still half open.
     async fn teardown(&self, reason: &str) {
         let session = self.session.lock().await.take();
@@ -462,16 +479,21 @@ impl Shared {
                 }
             };
             let tag = delivery.delivery_tag;
-            if self.dispatch(queue, delivery) == 0 && queue.is_some() {
-                // No subscription wants it: leave it to the queue's dead-lettering rather than
-                // requeueing it to this same consumer in a loop.
+            if self.dispatch(queue, delivery) == 0
+                && let Some(queue) = queue
+            {
+                // A work-queue message nobody here takes. While subscriptions remain it cannot
+                // map to any of them: leave it to the queue's dead-lettering rather than
+                // requeueing it to this same consumer in a loop. With none left the consumer is
+                // being cancelled: give the message back for the other consumers.
                 if let Some(tag) = unacked.take() {
                     pending = 0;
                     if let Err(e) = ack(&channel, tag).await {
                         return describe(&e);
                     }
                 }
-                let options = BasicRejectOptions { requeue: false };
+                let requeue = self.registry().users(&Source::WorkQueue(queue.to_owned())) == 0;
+                let options = BasicRejectOptions { requeue };
                 if let Err(e) = channel.basic_reject(tag, options).await {
                     return describe(&e);
                 }
@@ -567,6 +589,16 @@ impl RouteSpec {
     /// Where an upstream for `filter` on this route gets its messages.
     fn source(&self, filter: &str) -> Result<Source, BackendError> {
         if let Some(queue) = &self.queue {
+            // Each message of a shared queue reaches one consumer; one that took messages for
+            // part of the route only would have to refuse the rest.
+            if filter != self.binding_key {
+                return Err(BackendError::Rejected {
+                    code: "unsupported_pattern",
+                    message: format!(
+                        "this channel is served by the work queue {queue:?}, which is consumed as a whole; subscribe to the pattern covering the whole route"
+                    ),
+                });
+            }
             return Ok(Source::WorkQueue(queue.clone()));
         }
         let wildcard = filter.split('.').any(|w| w == "*" || w == "#");
@@ -808,20 +840,14 @@ impl Backend for AmqpBackend {
     }
 
     async fn close(&self) {
-        let shared = &self.shared;
-        shared.shutdown.cancel();
-        let session = shared.session.lock().await.take();
-        if let Some(session) = session {
-            let _ = tokio::time::timeout(
-                CLOSE_TIMEOUT,
-                session
-                    .connection
-                    .close(200, "gateway shutting down".into()),
-            )
-            .await;
-        }
-        shared.set_health(Health::Down {
-            reason: "closed".into(),
-        });
+        self.shared.shutdown.cancel();
+        self.shared.close_session().await;
+    }
+}
+
+impl Drop for AmqpBackend {
+    /// A backend dropped without `close` (a gateway that failed to start) stops reconnecting.
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
     }
 }
