@@ -329,7 +329,12 @@ impl AmqpConfig {
             problems.push(ConfigProblem::new(format!("{path}.{key}"), message));
         };
         let kind = exchange_kind(self, &options);
-        if !options.exchange.is_empty()
+        if options.exchange.len() > 255 {
+            problem(
+                "exchange",
+                "the exchange name is longer than 255 bytes".into(),
+            );
+        } else if !options.exchange.is_empty()
             && !options.exchange.starts_with("amq.")
             && let Err(message) = check_name(&options.exchange, "exchange")
         {
@@ -351,6 +356,12 @@ impl AmqpConfig {
         }
         let subscribes = route.allow.contains(&crate::config::Operation::Subscribe);
         let binding_key = widest_binding_key(&route.topic);
+        if binding_key.len() > 255 {
+            problem(
+                "topic",
+                "a routing key is at most 255 bytes; this template is longer".into(),
+            );
+        }
         match &options.queue {
             Some(queue) => {
                 if let Err(message) = check_name(queue, "queue") {
@@ -557,6 +568,35 @@ mod tests {
         );
         assert!(
             has("routes[5].topic: wildcard '*' is not allowed"),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn names_and_keys_longer_than_amqp_allows_are_refused() {
+        let long = "x".repeat(300);
+        let text = format!(
+            r#"
+            [backends.rabbit]
+            type = "amqp"
+            url = "amqp://127.0.0.1"
+            [[routes]]
+            channel = "a/{{x}}"
+            backend = "rabbit"
+            exchange = "amq.{long}"
+            topic = "{long}.{{x}}"
+            allow = ["publish"]
+            "#
+        );
+        let p = problems(&text);
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("routes[0].exchange: the exchange name is longer")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("routes[0].topic: a routing key is at most 255 bytes")),
             "{p:#?}"
         );
     }

@@ -268,8 +268,7 @@ impl Shared {
     /// and its consumer, and every active upstream.
     async fn establish(self: &Arc<Self>) -> Result<Running, String> {
         let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(self.connection_name.as_str()))
-            .with_client_property("product".into(), LongString::from("wsbridge"));
+            .with_connection_name(LongString::from(self.connection_name.as_str()));
         let connection = Connection::connect(&self.config.url, properties)
             .await
             .map_err(|e| describe(&e))?;
@@ -292,23 +291,20 @@ impl Shared {
                 auto_delete: exchange.auto_delete,
                 ..ExchangeDeclareOptions::default()
             };
+            let name = message::short("exchange", &exchange.name).map_err(|e| e.to_string())?;
             topology
-                .exchange_declare(
-                    exchange.name.as_str().into(),
-                    kind,
-                    options,
-                    FieldTable::default(),
-                )
+                .exchange_declare(name, kind, options, FieldTable::default())
                 .await
                 .map_err(|e| format!("declaring exchange {:?}: {}", exchange.name, describe(&e)))?;
         }
         let mut declared = HashSet::new();
         for spec in self.routes.values() {
             let Some(queue) = &spec.queue else { continue };
+            let name = message::short("queue", queue).map_err(|e| e.to_string())?;
             if declared.insert(queue.clone()) {
                 topology
                     .queue_declare(
-                        queue.as_str().into(),
+                        name.clone(),
                         QueueDeclareOptions::durable(),
                         FieldTable::default(),
                     )
@@ -318,9 +314,10 @@ impl Shared {
             if !spec.exchange.is_empty() {
                 topology
                     .queue_bind(
-                        queue.as_str().into(),
-                        spec.exchange.as_str().into(),
-                        spec.bind_key(&spec.binding_key).into(),
+                        name,
+                        message::short("exchange", &spec.exchange).map_err(|e| e.to_string())?,
+                        message::short("routing key", spec.bind_key(&spec.binding_key))
+                            .map_err(|e| e.to_string())?,
                         QueueBindOptions::default(),
                         FieldTable::default(),
                     )
@@ -432,11 +429,9 @@ impl Shared {
         if let Some(session) = session
             && session.connection.status().connected()
         {
-            let reply: ShortString = format!("reconnecting: {reason}")
-                .chars()
-                .take(200)
-                .collect::<String>()
-                .into();
+            // The reason comes from the broker; the reply text must stay a short string.
+            let reply = ShortString::try_new(format!("reconnecting: {reason}"))
+                .unwrap_or_else(|_| "reconnecting".into());
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.connection.close(320, reply)).await;
         }
     }
