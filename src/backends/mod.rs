@@ -6,6 +6,7 @@
 //! reports its connection state through [`Backend::health`]. Adding a broker touches only its
 //! folder and the registration lines in this file.
 
+pub mod amqp;
 pub mod memory;
 
 use std::fmt;
@@ -201,6 +202,7 @@ pub struct BuildContext<'a> {
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Memory(memory::MemoryConfig),
+    Amqp(amqp::AmqpConfig),
 }
 
 impl BackendConfig {
@@ -238,6 +240,9 @@ impl BackendConfig {
         let section = crate::config::deserialize_section;
         match kind.as_str() {
             "memory" => section(table, path, problems).map(BackendConfig::Memory),
+            "amqp" => {
+                amqp::AmqpConfig::from_section(table, path, problems).map(BackendConfig::Amqp)
+            }
             other => {
                 problems.push(ConfigProblem::new(
                     format!("{path}.type"),
@@ -252,11 +257,12 @@ impl BackendConfig {
     }
 
     /// Every `type` value, for error messages.
-    pub const TYPES: &'static [&'static str] = &["memory"];
+    pub const TYPES: &'static [&'static str] = &["memory", "amqp"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             BackendConfig::Memory(_) => "memory",
+            BackendConfig::Amqp(_) => "amqp",
         }
     }
 
@@ -264,6 +270,7 @@ impl BackendConfig {
     pub fn topic_syntax(&self) -> TopicSyntax {
         match self {
             BackendConfig::Memory(_) => TopicSyntax::SLASH,
+            BackendConfig::Amqp(_) => amqp::ROUTING_KEY,
         }
     }
 
@@ -271,6 +278,7 @@ impl BackendConfig {
     pub fn supports_keys(&self) -> bool {
         match self {
             BackendConfig::Memory(_) => false,
+            BackendConfig::Amqp(_) => false,
         }
     }
 
@@ -285,6 +293,7 @@ impl BackendConfig {
                     ));
                 }
             }
+            BackendConfig::Amqp(c) => c.check_route(route, path, problems),
         }
     }
 
@@ -293,6 +302,7 @@ impl BackendConfig {
     pub async fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
         match self {
             BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
+            BackendConfig::Amqp(c) => Ok(Arc::new(amqp::AmqpBackend::new(c, cx)?)),
         }
     }
 }

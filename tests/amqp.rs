@@ -1,0 +1,493 @@
+//! The AMQP backend against the real RabbitMQ on 127.0.0.1:5672, cross-checked with independent
+//! clients (pika, amqp-publish, rabbitmqctl). Every test declares its own exchanges and queues.
+
+mod amqp_support;
+mod common;
+
+use amqp_support::{
+    PikaConsumer, URL, amqp_publish, binding_keys, close_connections, delete_exchange,
+    delete_queue, pika_get, pika_publish, start_connected,
+};
+use common::{Client, eventually, http_get, unique};
+use serde_json::json;
+
+/// A backend named `backend` with a transient topic exchange `exchange` and the issue's route.
+fn config(backend: &str, exchange: &str, extra: &str) -> String {
+    format!(
+        r##"
+[backends.{backend}]
+type = "amqp"
+url = "{URL}"
+reconnect_initial = "1s"
+
+[[backends.{backend}.exchanges]]
+name = "{exchange}"
+type = "topic"
+durable = false
+
+[[routes]]
+channel = "orders/{{region}}/#"
+backend = "{backend}"
+exchange = "{exchange}"
+topic = "orders.{{region}}.#"
+allow = ["subscribe", "publish"]
+{extra}
+"##
+    )
+}
+
+#[tokio::test]
+async fn broker_messages_reach_websocket_subscribers_with_their_properties() {
+    let exchange = unique("wsb.props.");
+    let gw = start_connected(&config("rabbit", &exchange, "")).await;
+    let mut sub = Client::connect(gw.local_addr()).await;
+    sub.subscribe("orders/eu/#").await;
+
+    pika_publish(
+        &exchange,
+        "orders.eu.17.created",
+        r#"{"id":17}"#,
+        json!({
+            "headers": {"trace": "abc", "attempt": 2, "urgent": true},
+            "content_type": "application/json",
+            "message_id": "m-17",
+            "correlation_id": "c-17",
+            "timestamp": 1_700_000_000,
+        }),
+    )
+    .await;
+    let m = sub.next_message().await;
+    assert_eq!(m["channel"], "orders/eu/17/created");
+    assert_eq!(m["subscription"], "orders/eu/#");
+    assert_eq!(m["payload"], json!({"id": 17}));
+    assert_eq!(
+        m["headers"],
+        json!({"trace": "abc", "attempt": "2", "urgent": "true"})
+    );
+    assert_eq!(m["content_type"], "application/json");
+    assert_eq!(m["message_id"], "m-17");
+    assert_eq!(m["correlation_id"], "c-17");
+    assert_eq!(m["timestamp"], 1_700_000_000_000i64);
+
+    // Another client, another region: not for this subscription.
+    amqp_publish(&exchange, "orders.us.1", "\"x\"", &[("k", "v")]).await;
+    amqp_publish(
+        &exchange,
+        "orders.eu.2",
+        "plain text",
+        &[("source", "amqp-tools")],
+    )
+    .await;
+    let m = sub.next_message().await;
+    assert_eq!(m["channel"], "orders/eu/2");
+    assert_eq!(m["payload"], "plain text");
+    assert_eq!(m["headers"]["source"], "amqp-tools");
+    sub.assert_no_message().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_publishes_reach_an_independent_consumer() {
+    let exchange = unique("wsb.pub.");
+    let gw = start_connected(&config("rabbit", &exchange, "")).await;
+    let mut consumer = PikaConsumer::start(&exchange, "orders.#", 2).await;
+    let mut client = Client::connect(gw.local_addr()).await;
+
+    let reply = client
+        .request(json!({
+            "type": "publish",
+            "channel": "orders/eu/7",
+            "payload": {"id": 7},
+            "headers": {"trace": "xyz", "tenant": "acme"},
+        }))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let got = consumer.next().await;
+    assert_eq!(got["exchange"], exchange);
+    assert_eq!(got["routing_key"], "orders.eu.7");
+    assert_eq!(got["body"], r#"{"id":7}"#);
+    assert_eq!(got["headers"], json!({"trace": "xyz", "tenant": "acme"}));
+    assert_eq!(got["delivery_mode"], 2, "published persistent");
+    assert!(got["timestamp"].is_u64());
+
+    // A channel level cannot inject a wildcard or separator into the routing key.
+    let reply = client.publish("orders/e.u/7", json!(1)).await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["code"], "invalid_channel", "{reply}");
+    let reply = client.publish("orders/eu/8", json!(8)).await;
+    assert_eq!(reply["type"], "ok");
+    assert_eq!(consumer.next().await["routing_key"], "orders.eu.8");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn wildcards_bind_once_per_pattern_and_the_last_socket_unbinds() {
+    let exchange = unique("wsb.wild.");
+    let gw = start_connected(&config("rabbit", &exchange, "")).await;
+    let addr = gw.local_addr();
+    let mut new_anywhere = Client::connect(addr).await;
+    let mut all_eu = Client::connect(addr).await;
+    new_anywhere.subscribe("orders/+/new").await;
+    all_eu.subscribe("orders/eu/#").await;
+    let mut us = Vec::new();
+    for _ in 0..5 {
+        let mut c = Client::connect(addr).await;
+        c.subscribe("orders/us/#").await;
+        us.push(c);
+    }
+    assert_eq!(gw.hub().upstream_counts(), vec![("rabbit".to_string(), 3)]);
+    assert_eq!(
+        binding_keys(&exchange).await,
+        vec!["orders.*.new", "orders.eu.#", "orders.us.#"]
+    );
+
+    let mut publisher = Client::connect(addr).await;
+    for channel in [
+        "orders/eu/new",
+        "orders/us/new",
+        "orders/eu/x/y",
+        "orders/asia",
+    ] {
+        let reply = publisher.publish(channel, json!(channel)).await;
+        assert_eq!(reply["type"], "ok", "{reply}");
+    }
+    // One queue, several matching bindings: each subscription still gets a message once.
+    assert_eq!(
+        new_anywhere.next_message().await["channel"],
+        "orders/eu/new"
+    );
+    assert_eq!(
+        new_anywhere.next_message().await["channel"],
+        "orders/us/new"
+    );
+    assert_eq!(all_eu.next_message().await["channel"], "orders/eu/new");
+    assert_eq!(all_eu.next_message().await["channel"], "orders/eu/x/y");
+    for c in &mut us {
+        assert_eq!(c.next_message().await["channel"], "orders/us/new");
+    }
+    new_anywhere.assert_no_message().await;
+    all_eu.assert_no_message().await;
+    for c in &mut us {
+        c.assert_no_message().await;
+    }
+
+    // Four of five leave: the binding stays for the last one.
+    us.truncate(1);
+    eventually("four sockets have left", async || {
+        gw.hub().sessions_per_upstream().contains(&1)
+            && !gw.hub().sessions_per_upstream().contains(&5)
+    })
+    .await;
+    assert!(
+        binding_keys(&exchange)
+            .await
+            .contains(&"orders.us.#".into())
+    );
+    let reply = us[0]
+        .request(json!({"type": "unsubscribe", "channel": "orders/us/#"}))
+        .await;
+    assert_eq!(reply["type"], "ok");
+    assert_eq!(gw.hub().upstream_counts(), vec![("rabbit".to_string(), 2)]);
+    assert_eq!(
+        binding_keys(&exchange).await,
+        vec!["orders.*.new", "orders.eu.#"]
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn publish_failures_are_reported_and_the_next_publish_works() {
+    let exchange = unique("wsb.fail.");
+    let doomed = unique("wsb.doomed.");
+    let extra = format!(
+        r##"
+[[routes]]
+channel = "doomed/#"
+backend = "rabbit"
+exchange = "{doomed}"
+topic = "doomed.#"
+allow = ["publish"]
+
+[[routes]]
+channel = "missing/#"
+backend = "rabbit"
+exchange = "{exchange}.missing"
+topic = "missing.#"
+allow = ["subscribe"]
+
+[[routes]]
+channel = "strict/#"
+backend = "rabbit"
+exchange = "{exchange}"
+topic = "strict.#"
+mandatory = true
+allow = ["publish"]
+"##
+    );
+    let text = config("rabbit", &exchange, &extra).replace(
+        "durable = false\n",
+        &format!("durable = false\n\n[[backends.rabbit.exchanges]]\nname = \"{doomed}\"\ndurable = false\n"),
+    );
+    let gw = start_connected(&text).await;
+    let mut client = Client::connect(gw.local_addr()).await;
+    assert_eq!(client.publish("doomed/a", json!(1)).await["type"], "ok");
+
+    delete_exchange(&doomed).await;
+    let reply = client.publish("doomed/a", json!(2)).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "not_found", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains(&doomed),
+        "{reply}"
+    );
+    let reply = client.publish("orders/eu/1", json!(3)).await;
+    assert_eq!(reply["type"], "ok", "the publish channel recovers: {reply}");
+
+    // Mandatory: nobody is bound for strict.*, so the broker returns the message.
+    let reply = client.publish("strict/x", json!(4)).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "unroutable", "{reply}");
+    let mut consumer = PikaConsumer::start(&exchange, "strict.#", 1).await;
+    let reply = client.publish("strict/x", json!(5)).await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(consumer.next().await["body"], "5");
+
+    // A binding to an exchange that does not exist fails alone; the next subscription works.
+    let reply = client
+        .request(json!({"type": "subscribe", "channel": "missing/a"}))
+        .await;
+    assert_eq!(reply["code"], "not_found", "{reply}");
+    client.subscribe("orders/eu/#").await;
+    pika_publish(&exchange, "orders.eu.9", "9", json!({})).await;
+    assert_eq!(client.next_message().await["payload"], 9);
+
+    // What AMQP cannot do is refused with a clear error.
+    let reply = client
+        .request(json!({"type": "publish", "channel": "orders/eu/1", "payload": 1, "partition": 1}))
+        .await;
+    assert_eq!(reply["code"], "unsupported", "{reply}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscriptions_survive_a_closed_connection() {
+    let backend = unique("rabbit");
+    let exchange = unique("wsb.fault.");
+    let gw = start_connected(&config(&backend, &exchange, "")).await;
+    let addr = gw.local_addr();
+    let mut sub = Client::connect(addr).await;
+    sub.subscribe("orders/eu/#").await;
+    let mut publisher = Client::connect(addr).await;
+    assert_eq!(
+        publisher.publish("orders/eu/1", json!(1)).await["type"],
+        "ok"
+    );
+    assert_eq!(sub.next_message().await["payload"], 1);
+
+    assert_eq!(
+        close_connections(&backend).await,
+        1,
+        "one connection carries this gateway's name"
+    );
+    let down = sub.next_of("status").await;
+    assert_eq!(down["code"], "backend_down", "{down}");
+    assert_eq!(down["backend"], backend.as_str());
+    assert_eq!(down["subscriptions"], json!(["orders/eu/#"]));
+    let up = sub.next_of("status").await;
+    assert_eq!(up["code"], "backend_up", "{up}");
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    // The same socket receives again without resubscribing, from the broker and the gateway.
+    pika_publish(&exchange, "orders.eu.2", "2", json!({})).await;
+    assert_eq!(sub.next_message().await["channel"], "orders/eu/2");
+    assert_eq!(
+        publisher.publish("orders/eu/3", json!(3)).await["type"],
+        "ok"
+    );
+    assert_eq!(sub.next_message().await["payload"], 3);
+    assert_eq!(binding_keys(&exchange).await, vec!["orders.eu.#"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_connection() {
+    let backend = unique("rabbit");
+    let exchange = unique("wsb.ready.");
+    let text = config(&backend, &exchange, "")
+        .replace("reconnect_initial = \"1s\"", "reconnect_initial = \"3s\"");
+    let gw = start_connected(&text).await;
+    let addr = gw.local_addr();
+    let (status, _) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(close_connections(&backend).await, 1);
+    eventually("/readyz reports the backend down", async || {
+        http_get(addr, "/readyz").await.0 == 503
+    })
+    .await;
+    let mut client = Client::connect(addr).await;
+    let reply = client
+        .request(json!({"type": "subscribe", "channel": "orders/eu/#"}))
+        .await;
+    assert_eq!(reply["code"], "backend_unavailable", "{reply}");
+    eventually("/readyz reports the backend up again", async || {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    client.subscribe("orders/eu/#").await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn direct_exchanges_refuse_wildcards_and_fanout_exchanges_filter_locally() {
+    let exchange = unique("wsb.topic.");
+    let direct = unique("wsb.direct.");
+    let fanout = unique("wsb.fanout.");
+    let extra = format!(
+        r##"
+[[routes]]
+channel = "direct/{{id}}"
+backend = "rabbit"
+exchange = "{direct}"
+topic = "cmd.{{id}}"
+allow = ["subscribe", "publish"]
+
+[[routes]]
+channel = "news/#"
+backend = "rabbit"
+exchange = "{fanout}"
+topic = "news.#"
+allow = ["subscribe", "publish"]
+"##
+    );
+    let text = config("rabbit", &exchange, &extra).replace(
+        "durable = false\n",
+        &format!(
+            "durable = false\n\n[[backends.rabbit.exchanges]]\nname = \"{direct}\"\ntype = \"direct\"\ndurable = false\n\n[[backends.rabbit.exchanges]]\nname = \"{fanout}\"\ntype = \"fanout\"\ndurable = false\n"
+        ),
+    );
+    let gw = start_connected(&text).await;
+    let addr = gw.local_addr();
+    let mut client = Client::connect(addr).await;
+
+    let reply = client
+        .request(json!({"type": "subscribe", "channel": "direct/+"}))
+        .await;
+    assert_eq!(reply["code"], "unsupported_pattern", "{reply}");
+    client.subscribe("direct/a").await;
+    assert_eq!(binding_keys(&direct).await, vec!["cmd.a"]);
+    pika_publish(&direct, "cmd.b", "\"b\"", json!({})).await;
+    pika_publish(&direct, "cmd.a", "\"a\"", json!({})).await;
+    let m = client.next_message().await;
+    assert_eq!(
+        (m["channel"].as_str(), m["payload"].as_str()),
+        (Some("direct/a"), Some("a"))
+    );
+
+    // Fanout: one binding whatever the patterns; the gateway filters by routing key.
+    let mut sports = Client::connect(addr).await;
+    let mut all = Client::connect(addr).await;
+    sports.subscribe("news/sports/#").await;
+    all.subscribe("news/#").await;
+    assert_eq!(binding_keys(&fanout).await, vec![""]);
+    pika_publish(&fanout, "news.weather", "1", json!({})).await;
+    pika_publish(&fanout, "news.sports.tennis", "2", json!({})).await;
+    assert_eq!(all.next_message().await["channel"], "news/weather");
+    assert_eq!(all.next_message().await["channel"], "news/sports/tennis");
+    assert_eq!(sports.next_message().await["channel"], "news/sports/tennis");
+    sports.assert_no_message().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn work_queue_routes_share_a_durable_queue() {
+    let exchange = unique("wsb.work.");
+    let queue = unique("wsb.jobs.");
+    let extra = format!(
+        r##"
+[[routes]]
+channel = "jobs/{{kind}}"
+backend = "rabbit"
+exchange = "{exchange}"
+queue = "{queue}"
+topic = "jobs.{{kind}}"
+allow = ["subscribe", "publish"]
+"##
+    );
+    let gw = start_connected(&config("rabbit", &exchange, &extra)).await;
+    let addr = gw.local_addr();
+    // The gateway declared the queue and bound it with the route's widest key.
+    assert_eq!(binding_keys(&exchange).await, vec!["jobs.*"]);
+
+    // Nobody consumes yet: a published command waits in the queue for any consumer.
+    let mut client = Client::connect(addr).await;
+    assert_eq!(
+        client.publish("jobs/resize", json!({"w": 1})).await["type"],
+        "ok"
+    );
+    let waiting = pika_get(&queue).await;
+    assert_eq!(waiting["routing_key"], "jobs.resize");
+    assert_eq!(waiting["body"], r#"{"w":1}"#);
+
+    // Subscribing makes the gateway one of the queue's competing consumers, for the whole route.
+    let mut worker = Client::connect(addr).await;
+    let reply = worker
+        .request(json!({"type": "subscribe", "channel": "jobs/resize"}))
+        .await;
+    assert_eq!(reply["code"], "unsupported_pattern", "{reply}");
+    worker.subscribe("jobs/+").await;
+    pika_publish(&exchange, "jobs.encode", "\"e\"", json!({})).await;
+    let m = worker.next_message().await;
+    assert_eq!(m["channel"], "jobs/encode");
+    assert_eq!(m["payload"], "e");
+    let reply = worker
+        .request(json!({"type": "unsubscribe", "channel": "jobs/+"}))
+        .await;
+    assert_eq!(reply["type"], "ok");
+    assert_eq!(client.publish("jobs/later", json!(2)).await["type"], "ok");
+    eventually("the message stays in the queue", async || {
+        pika_get(&queue).await["routing_key"] == "jobs.later"
+    })
+    .await;
+    gw.shutdown().await;
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn a_stalled_socket_does_not_hold_up_the_consumer() {
+    let exchange = unique("wsb.slow.");
+    let text = format!(
+        "[server]\nqueue_capacity = 64\n[limits]\npublish_per_second = 0\npublish_bytes_per_second = 0\n{}",
+        config("rabbit", &exchange, "")
+    );
+    let gw = start_connected(&text).await;
+    let addr = gw.local_addr();
+    let mut stalled = Client::connect(addr).await;
+    stalled.subscribe("orders/eu/#").await;
+    let mut healthy = Client::connect(addr).await;
+    healthy.subscribe("orders/eu/#").await;
+
+    // 2000 messages of 16 KiB (32 MB): far more than socket buffers and the queue hold, so the
+    // stalled socket must lose messages while the broker's deliveries keep flowing.
+    let total = 2000;
+    let pad = "x".repeat(16 * 1024);
+    let reader = tokio::spawn(async move {
+        for seq in 0..total {
+            let m = healthy.next_message().await;
+            assert_eq!(m["payload"]["seq"], seq, "every message, in order");
+        }
+    });
+    let mut publisher = Client::connect(addr).await;
+    for seq in 0..total {
+        publisher
+            .send(json!({"type": "publish", "id": seq, "channel": "orders/eu/1", "payload": {"seq": seq, "pad": pad}}))
+            .await;
+        if seq % 64 == 63 {
+            assert_eq!(publisher.reply_to(json!(seq)).await["type"], "ok");
+        }
+    }
+    reader.await.expect("the healthy client got every message");
+    let status = stalled.next_of("status").await;
+    assert_eq!(status["code"], "messages_dropped", "{status}");
+    gw.shutdown().await;
+}

@@ -1,0 +1,213 @@
+//! RabbitMQ helpers for tests/amqp.rs: an independent AMQP client (Python pika, installed by
+//! scripts/setup/30-rabbitmq.sh), `rabbitmqctl` for what the broker holds, and a gateway that is
+//! connected before the test starts.
+#![allow(dead_code)]
+
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::common::{WAIT, eventually, start};
+
+pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// pika as a command-line client: `publish`, `consume`, `get`, `delete_exchange`,
+/// `delete_queue`, `declare_queue`. Output is one JSON object per line.
+const PIKA: &str = r#"
+import json, sys, pika
+
+URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
+
+def text(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, (list, tuple)):
+        return [text(x) for x in v]
+    return v
+
+def describe(method, props, body):
+    return json.dumps({
+        "exchange": method.exchange,
+        "routing_key": method.routing_key,
+        "body": body.decode("utf-8", "replace"),
+        "headers": {k: text(v) for k, v in (props.headers or {}).items()},
+        "delivery_mode": props.delivery_mode,
+        "timestamp": props.timestamp,
+    })
+
+cmd, args = sys.argv[1], sys.argv[2:]
+connection = pika.BlockingConnection(pika.URLParameters(URL))
+channel = connection.channel()
+if cmd == "publish":
+    exchange, key, body, props = args[0], args[1], args[2], json.loads(args[3])
+    channel.confirm_delivery()
+    channel.basic_publish(exchange, key, body.encode(), pika.BasicProperties(**props))
+elif cmd == "consume":
+    exchange, key, count = args[0], args[1], int(args[2])
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, exchange, key)
+    print(json.dumps({"ready": True}), flush=True)
+    seen = 0
+    for method, props, body in channel.consume(queue, auto_ack=True, inactivity_timeout=30):
+        if method is None:
+            sys.exit("no message within 30s")
+        print(describe(method, props, body), flush=True)
+        seen += 1
+        if seen == count:
+            break
+elif cmd == "get":
+    method, props, body = channel.basic_get(args[0], auto_ack=True)
+    print(describe(method, props, body) if method else json.dumps(None), flush=True)
+elif cmd == "delete_exchange":
+    channel.exchange_delete(args[0])
+elif cmd == "declare_queue":
+    channel.queue_declare(args[0], durable=True)
+elif cmd == "delete_queue":
+    channel.queue_delete(args[0])
+connection.close()
+"#;
+
+fn pika(args: &[&str]) -> Command {
+    let mut command = Command::new("python3");
+    command.arg("-c").arg(PIKA).args(args).kill_on_drop(true);
+    command
+}
+
+async fn run(mut command: Command, what: &str) -> String {
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} finishes in time"))
+        .unwrap_or_else(|e| panic!("{what} starts: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// Publishes with pika, with publisher confirms; `properties` are pika `BasicProperties` fields.
+pub async fn pika_publish(exchange: &str, key: &str, body: &str, properties: Value) {
+    let props = properties.to_string();
+    run(
+        pika(&["publish", exchange, key, body, &props]),
+        "pika publish",
+    )
+    .await;
+}
+
+/// Fetches one message from a queue with pika (`Value::Null` when it is empty).
+pub async fn pika_get(queue: &str) -> Value {
+    let out = run(pika(&["get", queue]), "pika get").await;
+    serde_json::from_str(out.trim()).expect("JSON from pika")
+}
+
+pub async fn delete_exchange(name: &str) {
+    run(pika(&["delete_exchange", name]), "pika exchange_delete").await;
+}
+
+pub async fn delete_queue(name: &str) {
+    run(pika(&["delete_queue", name]), "pika queue_delete").await;
+}
+
+/// A pika consumer with its own exclusive queue bound to `exchange` with `key`.
+pub struct PikaConsumer {
+    _child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl PikaConsumer {
+    /// Starts consuming; returns once the binding exists.
+    pub async fn start(exchange: &str, key: &str, count: usize) -> PikaConsumer {
+        let count = count.to_string();
+        let mut command = pika(&["consume", exchange, key, &count]);
+        command.stdout(Stdio::piped());
+        let mut child = command.spawn().expect("python3 starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut consumer = PikaConsumer {
+            _child: child,
+            lines: BufReader::new(stdout).lines(),
+        };
+        assert_eq!(consumer.next().await["ready"], true);
+        consumer
+    }
+
+    /// The next message the consumer printed.
+    pub async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("pika consumer output in time")
+            .expect("read pika output")
+            .expect("pika consumer still running");
+        serde_json::from_str(&line).expect("JSON from pika")
+    }
+}
+
+/// Publishes with Debian's `amqp-publish` (another independent client).
+pub async fn amqp_publish(exchange: &str, key: &str, body: &str, headers: &[(&str, &str)]) {
+    let mut command = Command::new("amqp-publish");
+    command.args(["--url", URL, "-e", exchange, "-r", key, "-b", body]);
+    for (name, value) in headers {
+        command.arg("-H").arg(format!("{name}: {value}"));
+    }
+    run(command, "amqp-publish").await;
+}
+
+async fn rabbitmqctl(args: &[&str]) -> String {
+    let mut command = Command::new("rabbitmqctl");
+    command.args(args).kill_on_drop(true);
+    run(command, "rabbitmqctl").await
+}
+
+/// The routing keys of the queue bindings whose source is `exchange`.
+pub async fn binding_keys(exchange: &str) -> Vec<String> {
+    let out = rabbitmqctl(&[
+        "-q",
+        "list_bindings",
+        "--no-table-headers",
+        "source_name",
+        "destination_kind",
+        "routing_key",
+    ])
+    .await;
+    let mut keys: Vec<String> = out
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let (source, kind, key) = (fields.next()?, fields.next()?, fields.next()?);
+            (source == exchange && kind == "queue").then(|| key.to_owned())
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Closes the broker connections whose client properties mention `marker`; returns how many.
+pub async fn close_connections(marker: &str) -> usize {
+    let out = rabbitmqctl(&[
+        "-q",
+        "list_connections",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])
+    .await;
+    let pids: Vec<String> = out
+        .lines()
+        .filter(|line| line.contains(marker))
+        .filter_map(|line| line.split('\t').next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        rabbitmqctl(&["-q", "close_connection", pid, "closed by the fault test"]).await;
+    }
+    pids.len()
+}
+
+/// Starts a gateway and waits until every backend is connected.
+pub async fn start_connected(config: &str) -> wsbridge::Gateway {
+    let gw = start(config).await;
+    eventually("the AMQP backend connects", async || gw.hub().is_ready()).await;
+    gw
+}
