@@ -6,6 +6,7 @@
 //! reports its connection state through [`Backend::health`]. Adding a broker touches only its
 //! folder and the registration lines in this file.
 
+pub mod kafka;
 pub mod memory;
 
 use std::fmt;
@@ -201,6 +202,7 @@ pub struct BuildContext<'a> {
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Memory(memory::MemoryConfig),
+    Kafka(kafka::KafkaConfig),
 }
 
 impl BackendConfig {
@@ -238,6 +240,11 @@ impl BackendConfig {
         let section = crate::config::deserialize_section;
         match kind.as_str() {
             "memory" => section(table, path, problems).map(BackendConfig::Memory),
+            "kafka" => {
+                crate::config::deserialize_section::<kafka::KafkaConfig>(table, path, problems)
+                    .inspect(|c| c.validate(path, problems))
+                    .map(BackendConfig::Kafka)
+            }
             other => {
                 problems.push(ConfigProblem::new(
                     format!("{path}.type"),
@@ -252,11 +259,12 @@ impl BackendConfig {
     }
 
     /// Every `type` value, for error messages.
-    pub const TYPES: &'static [&'static str] = &["memory"];
+    pub const TYPES: &'static [&'static str] = &["memory", "kafka"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             BackendConfig::Memory(_) => "memory",
+            BackendConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -264,6 +272,7 @@ impl BackendConfig {
     pub fn topic_syntax(&self) -> TopicSyntax {
         match self {
             BackendConfig::Memory(_) => TopicSyntax::SLASH,
+            BackendConfig::Kafka(_) => kafka::KAFKA_TOPIC,
         }
     }
 
@@ -271,6 +280,7 @@ impl BackendConfig {
     pub fn supports_keys(&self) -> bool {
         match self {
             BackendConfig::Memory(_) => false,
+            BackendConfig::Kafka(_) => true,
         }
     }
 
@@ -285,6 +295,7 @@ impl BackendConfig {
                     ));
                 }
             }
+            BackendConfig::Kafka(_) => kafka::check_route(route, path, problems),
         }
     }
 
@@ -293,6 +304,7 @@ impl BackendConfig {
     pub async fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
         match self {
             BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
+            BackendConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaBackend::new(c, cx)?)),
         }
     }
 }
