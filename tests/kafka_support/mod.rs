@@ -111,3 +111,66 @@ pub async fn py_consume(topic: &str, partition: i32, offset: i64, count: usize) 
     let out = kafka_python(json!({"op": "consume", "brokers": brokers(), "topic": topic, "partition": partition, "offset": offset, "count": count})).await;
     out.as_array().expect("a list").clone()
 }
+
+/// A Tansu broker of a test's own, on a free port, so the test can stop and restart it.
+pub struct PrivateBroker {
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> PrivateBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut broker = PrivateBroker { port, child: None };
+        broker.restart().await;
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker (again) on the same port, with empty in-memory storage.
+    pub async fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let tansu = std::env::var("HOME")
+            .map(|h| format!("{h}/.cargo/bin/tansu"))
+            .ok()
+            .filter(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| "tansu".into());
+        let child = tokio::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tansu starts (see scripts/setup/40-kafka.sh)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tansu listens on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the broker and waits until it is gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill tansu");
+        }
+    }
+}

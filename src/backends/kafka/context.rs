@@ -2,6 +2,7 @@
 //! errors feed the backend's health.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -17,6 +18,8 @@ pub struct KafkaContext {
     backend: Arc<str>,
     /// Set on the producer's context only, so one client decides the backend's health.
     health: Option<Arc<watch::Sender<Health>>>,
+    /// Raised when librdkafka reports a fatal error (producer's context only).
+    fatal: Option<Arc<AtomicBool>>,
 }
 
 impl KafkaContext {
@@ -24,12 +27,17 @@ impl KafkaContext {
         KafkaContext {
             backend: backend.into(),
             health: None,
+            fatal: None,
         }
     }
 
-    pub fn with_health(mut self, health: Arc<watch::Sender<Health>>) -> Self {
-        self.health = Some(health);
-        self
+    /// The producer's context: it reports health and fatal errors.
+    pub fn for_producer(&self, health: Arc<watch::Sender<Health>>, fatal: Arc<AtomicBool>) -> Self {
+        KafkaContext {
+            backend: self.backend.clone(),
+            health: Some(health),
+            fatal: Some(fatal),
+        }
     }
 }
 
@@ -72,6 +80,11 @@ impl ClientContext for KafkaContext {
                     reason: format!("no Kafka broker reachable ({reason})"),
                 },
             );
+        }
+        if let Some(fatal) = &self.fatal
+            && error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+        {
+            fatal.store(true, Ordering::Relaxed);
         }
         tracing::warn!(backend, %error, "librdkafka: {reason}");
     }

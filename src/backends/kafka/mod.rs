@@ -23,11 +23,13 @@
 
 mod config;
 mod context;
+mod producer;
 mod reader;
 
 pub use config::{Acks, KAFKA_TOPIC, KafkaConfig, check_route};
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,7 +39,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +48,7 @@ use super::{
     Subscription, SubscriptionEvent, UpstreamId,
 };
 use context::{KafkaContext, set_health};
+use producer::ProducerSlot;
 use reader::{AddError, LOOKUP_TIMEOUT, Reader, Sub};
 
 /// How often the broker is probed while it answers, and while it does not.
@@ -67,7 +70,7 @@ pub struct KafkaBackend {
     config: KafkaConfig,
     group_id: String,
     context: KafkaContext,
-    producer: FutureProducer<KafkaContext>,
+    producer: Arc<ProducerSlot>,
     /// The consumer shared by every live subscription.
     live: Reader,
     /// Topics the live consumer has assigned, as far as this side knows.
@@ -101,10 +104,15 @@ impl KafkaBackend {
             reason: format!("connecting to {}", config.brokers),
         }));
         let context = KafkaContext::new(cx.name);
-        let producer: FutureProducer<KafkaContext> = config
-            .producer(&group_id)
-            .create_with_context(context.clone().with_health(health.clone()))
-            .map_err(|e| BackendError::Failed(format!("cannot create a Kafka producer: {e}")))?;
+        let fatal = Arc::new(AtomicBool::new(false));
+        let producer = ProducerSlot::new(
+            config.producer(&group_id),
+            context.for_producer(health.clone(), fatal.clone()),
+            fatal,
+            config.delivery_timeout,
+        )
+        .map(Arc::new)
+        .map_err(BackendError::Failed)?;
         let live = Reader::start(
             &config.consumer(&group_id),
             context.clone(),
@@ -134,7 +142,7 @@ impl KafkaBackend {
 
     /// The partitions of a topic, from the broker.
     async fn partitions(&self, topic: &str) -> Result<Vec<i32>, BackendError> {
-        let producer = self.producer.clone();
+        let producer = self.producer.get();
         let name = topic.to_owned();
         let metadata = blocking(move || {
             producer
@@ -422,22 +430,23 @@ fn publish_error(e: &KafkaError, delivery_timeout: Duration) -> BackendError {
     }
 }
 
-/// Keeps `health` Up exactly while the broker answers metadata requests.
+/// Keeps `health` Up exactly while the broker answers metadata requests, and replaces the
+/// producer when the broker comes back after an outage or librdkafka declares it broken.
 async fn probe_health(
-    producer: FutureProducer<KafkaContext>,
+    producer: Arc<ProducerSlot>,
     health: Arc<watch::Sender<Health>>,
     shutdown: CancellationToken,
 ) {
+    let mut has_been_up = false;
     loop {
-        let client = producer.clone();
+        let client = producer.get();
         let answer =
             tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, PROBE_UP))
                 .await;
+        // Down may also have been set by librdkafka's error callback between two probes.
+        let was_up = health.borrow().is_up();
         let up = match answer {
-            Ok(Ok(_)) => {
-                set_health(&health, Health::Up);
-                true
-            }
+            Ok(Ok(_)) => true,
             Ok(Err(e)) => {
                 set_health(
                     &health,
@@ -449,6 +458,16 @@ async fn probe_health(
             }
             Err(_) => return,
         };
+        if producer.is_broken() {
+            producer.replace("librdkafka reported a fatal producer error");
+        } else if up && !was_up && has_been_up {
+            // The broker may have lost the producer's idempotence state while it was away.
+            producer.replace("the broker is reachable again");
+        }
+        if up {
+            set_health(&health, Health::Up);
+            has_been_up = true;
+        }
         let wait = if up { PROBE_UP } else { PROBE_DOWN };
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -521,6 +540,7 @@ impl Backend for KafkaBackend {
         let timeout = self.config.delivery_timeout;
         let delivery = self
             .producer
+            .get()
             .send_result(record)
             .map_err(|(e, _)| publish_error(&e, timeout))?;
         match delivery.await {
@@ -563,8 +583,6 @@ impl Backend for KafkaBackend {
             }
         }
         self.live.stop().await;
-        let producer = self.producer.clone();
-        let flush = self.config.delivery_timeout;
-        let _ = blocking(move || producer.flush(flush)).await;
+        self.producer.flush().await;
     }
 }
