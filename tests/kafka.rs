@@ -368,6 +368,12 @@ async fn publish_errors_are_reported_and_the_next_publish_works() {
         .await;
     assert_eq!(e["code"], "invalid_partition", "{e}");
 
+    // Larger than librdkafka's message.max.bytes (1,000,000) but within the frame limit.
+    let e = c
+        .publish(&format!("events/{topic}"), json!("x".repeat(1_000_100)))
+        .await;
+    assert_eq!(e["code"], "message_too_large", "{e}");
+
     let ok = c.publish(&format!("events/{topic}"), json!(2)).await;
     assert_eq!(ok["type"], "ok", "{ok}");
     assert!(ok["position"]["offset"].is_i64(), "{ok}");

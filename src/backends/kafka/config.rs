@@ -485,6 +485,14 @@ colour = "red"
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../../config/kafka-dashboard.toml");
+        let config = Config::from_toml_with_env(text, &|_| None).expect("valid example");
+        assert_eq!(config.backends["events"].type_name(), "kafka");
+        assert_eq!(config.routes.len(), 2);
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug_output() {
         let text = "[backends.events]\ntype = \"kafka\"\nbrokers = \"k:9092\"\n[backends.events.properties]\n\"sasl.password\" = \"hunter2\"\n\"sasl.username\" = \"alice\"\n[[routes]]\nchannel = \"a/{x}\"\nbackend = \"events\"\ntopic = \"a.{x}\"\nallow = [\"publish\"]\n";
         let config = Config::from_toml_with_env(text, &|_| None).unwrap();

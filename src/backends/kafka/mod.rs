@@ -586,3 +586,138 @@ impl Backend for KafkaBackend {
         self.producer.flush().await;
     }
 }
+
+/// Fast checks against librdkafka's in-process mock cluster, for what the test broker cannot
+/// show (Tansu never truncates a log) or shows only slowly. tests/kafka.rs covers the rest
+/// against a real broker.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+    use crate::backends::{BrokerMessage, MessageSink};
+
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Message(i64),
+        Gap(SubscriptionEvent),
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Seen>>);
+
+    impl MessageSink for Recorder {
+        fn deliver(&self, message: BrokerMessage) {
+            let offset = message.position.map_or(-1, |p| p.offset);
+            self.0.lock().unwrap().push(Seen::Message(offset));
+        }
+        fn event(&self, event: SubscriptionEvent) {
+            self.0.lock().unwrap().push(Seen::Gap(event));
+        }
+    }
+
+    fn backend(brokers: &str) -> KafkaBackend {
+        let text = format!(
+            "[backends.mock]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\n[[routes]]\nchannel = \"t/{{n}}\"\nbackend = \"mock\"\ntopic = \"{{n}}\"\nallow = [\"subscribe\"]\n"
+        );
+        let config = crate::Config::from_toml_with_env(&text, &|_| None).expect("valid config");
+        let crate::backends::BackendConfig::Kafka(kafka) = &config.backends["mock"] else {
+            panic!("a kafka backend")
+        };
+        KafkaBackend::new(
+            kafka,
+            BuildContext {
+                name: "mock",
+                routes: vec![],
+            },
+        )
+        .expect("backend builds")
+    }
+
+    async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn resuming_below_the_log_start_reports_the_gap_before_the_messages() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("retained", 1, 1).expect("topic");
+        let backend = backend(&mock.bootstrap_servers());
+        // The mock broker keeps at most 5 MB per partition: older batches are deleted.
+        for _ in 0..12 {
+            backend
+                .publish(Publish {
+                    route: 0,
+                    topic: "retained".into(),
+                    key: None,
+                    payload: Bytes::from(vec![b'x'; 600_000]),
+                    headers: vec![],
+                    partition: Some(0),
+                })
+                .await
+                .expect("publish");
+        }
+        let recorder = Arc::new(Recorder::default());
+        backend
+            .subscribe(Subscription {
+                id: 1,
+                route: 0,
+                filter: "retained".into(),
+                key: None,
+                start: StartPosition::Offsets(vec![(0, 1)]),
+                sink: recorder.clone(),
+            })
+            .await
+            .expect("subscribe");
+        wait_for("the last message", || {
+            recorder.0.lock().unwrap().last() == Some(&Seen::Message(11))
+        })
+        .await;
+        let seen = recorder.0.lock().unwrap();
+        let Seen::Gap(SubscriptionEvent::Gap {
+            partition: 0,
+            requested: 1,
+            available,
+        }) = seen[0]
+        else {
+            panic!("the gap comes first: {seen:?}")
+        };
+        assert!(available > 1, "{seen:?}");
+        let offsets: Vec<&Seen> = seen[1..].iter().collect();
+        let expected: Vec<Seen> = (available..12).map(Seen::Message).collect();
+        assert_eq!(offsets, expected.iter().collect::<Vec<_>>());
+        drop(seen);
+        backend.unsubscribe(1).await.unwrap();
+        assert_eq!(backend.upstream_count(), 0);
+        backend.close().await;
+    }
+
+    #[tokio::test]
+    async fn health_follows_the_broker() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let backend = backend(&mock.bootstrap_servers());
+        let mut health = backend.health();
+        let mut wait = async |up: bool| {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                health.wait_for(|h| h.is_up() == up),
+            )
+            .await
+            .expect("health changes in time")
+            .expect("backend alive");
+        };
+        wait(true).await;
+        mock.broker_down(1).expect("broker down");
+        wait(false).await;
+        mock.broker_up(1).expect("broker up");
+        wait(true).await;
+        backend.close().await;
+    }
+}
