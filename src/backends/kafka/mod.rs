@@ -680,7 +680,7 @@ mod tests {
             recorder.0.lock().unwrap().last() == Some(&Seen::Message(11))
         })
         .await;
-        let seen = recorder.0.lock().unwrap();
+        let seen = std::mem::take(&mut *recorder.0.lock().unwrap());
         let Seen::Gap(SubscriptionEvent::Gap {
             partition: 0,
             requested: 1,
@@ -693,7 +693,6 @@ mod tests {
         let offsets: Vec<&Seen> = seen[1..].iter().collect();
         let expected: Vec<Seen> = (available..12).map(Seen::Message).collect();
         assert_eq!(offsets, expected.iter().collect::<Vec<_>>());
-        drop(seen);
         backend.unsubscribe(1).await.unwrap();
         assert_eq!(backend.upstream_count(), 0);
         backend.close().await;
