@@ -490,3 +490,45 @@ async fn broker_down_and_up_is_reported_and_consumption_resumes() {
     assert_eq!(sub.next_message().await["payload"], "final");
     gw.shutdown().await;
 }
+
+/// Tansu never deletes old messages, so the retention gap is shown end to end against
+/// librdkafka's mock cluster, whose partitions drop their oldest batches past 5 MB.
+#[tokio::test]
+async fn a_resume_below_the_log_start_gets_a_gap_status_before_the_messages() {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let topic = "retained";
+    mock.create_topic(topic, 1, 1).expect("topic");
+    let gw = start(&config(&mock.bootstrap_servers(), "unused")).await;
+    let channel = format!("events/{topic}");
+    let mut publisher = Client::connect(gw.local_addr()).await;
+    let big = "x".repeat(600_000);
+    for seq in 0..12 {
+        let ok = publisher
+            .publish(&channel, json!({"seq": seq, "pad": big}))
+            .await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+    }
+
+    let mut resumed = Client::connect(gw.local_addr()).await;
+    resumed
+        .send(json!({"type": "subscribe", "id": "r", "channel": channel, "from": {"offsets": {"0": 1}}}))
+        .await;
+    let first = resumed.recv().await;
+    assert_eq!(first["type"], "status", "the gap comes first: {first}");
+    assert_eq!(first["code"], "gap");
+    assert_eq!(first["subscriptions"], json!([channel]));
+    assert_eq!(first["partition"], 0);
+    assert_eq!(first["requested_offset"], 1);
+    let available = first["available_offset"]
+        .as_i64()
+        .expect("available offset");
+    assert!(available > 1, "{first}");
+    assert_eq!(resumed.reply_to(json!("r")).await["type"], "ok");
+    for seq in available..12 {
+        let m = resumed.next_message().await;
+        assert_eq!(m["payload"]["seq"], seq);
+        assert_eq!(m["position"]["offset"], seq);
+    }
+    resumed.assert_no_message().await;
+    gw.shutdown().await;
+}
