@@ -606,13 +606,25 @@ mod tests {
         Gap(SubscriptionEvent),
     }
 
+    /// Records what it is given; while `hold` is set, `deliver` waits (a stalled reader).
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Seen>>);
+    struct Recorder(Mutex<Vec<Seen>>, Mutex<bool>, std::sync::Condvar);
+
+    impl Recorder {
+        fn hold(&self, on: bool) {
+            *self.1.lock().unwrap() = on;
+            self.2.notify_all();
+        }
+    }
 
     impl MessageSink for Recorder {
         fn deliver(&self, message: BrokerMessage) {
             let offset = message.position.map_or(-1, |p| p.offset);
             self.0.lock().unwrap().push(Seen::Message(offset));
+            let mut held = self.1.lock().unwrap();
+            while *held {
+                held = self.2.wait(held).unwrap();
+            }
         }
         fn event(&self, event: SubscriptionEvent) {
             self.0.lock().unwrap().push(Seen::Gap(event));
@@ -620,8 +632,12 @@ mod tests {
     }
 
     fn backend(brokers: &str) -> KafkaBackend {
+        backend_with(brokers, "")
+    }
+
+    fn backend_with(brokers: &str, extra: &str) -> KafkaBackend {
         let text = format!(
-            "[backends.mock]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\n[[routes]]\nchannel = \"t/{{n}}\"\nbackend = \"mock\"\ntopic = \"{{n}}\"\nallow = [\"subscribe\"]\n"
+            "[backends.mock]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\n{extra}\n[[routes]]\nchannel = \"t/{{n}}\"\nbackend = \"mock\"\ntopic = \"{{n}}\"\nallow = [\"subscribe\"]\n"
         );
         let config = crate::Config::from_toml_with_env(&text, &|_| None).expect("valid config");
         let crate::backends::BackendConfig::Kafka(kafka) = &config.backends["mock"] else {
@@ -652,17 +668,7 @@ mod tests {
         let backend = backend(&mock.bootstrap_servers());
         // The mock broker keeps at most 5 MB per partition: older batches are deleted.
         for _ in 0..12 {
-            backend
-                .publish(Publish {
-                    route: 0,
-                    topic: "retained".into(),
-                    key: None,
-                    payload: Bytes::from(vec![b'x'; 600_000]),
-                    headers: vec![],
-                    partition: Some(0),
-                })
-                .await
-                .expect("publish");
+            backend.publish(big("retained")).await.expect("publish");
         }
         let recorder = Arc::new(Recorder::default());
         backend
@@ -695,6 +701,79 @@ mod tests {
         assert_eq!(offsets, expected.iter().collect::<Vec<_>>());
         backend.unsubscribe(1).await.unwrap();
         assert_eq!(backend.upstream_count(), 0);
+        backend.close().await;
+    }
+
+    fn big(topic: &str) -> Publish {
+        Publish {
+            route: 0,
+            topic: topic.into(),
+            key: None,
+            payload: Bytes::from(vec![b'x'; 600_000]),
+            headers: vec![],
+            partition: Some(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_overtaken_by_retention_reports_the_gap_and_skips_nothing_else() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("overtaken", 1, 1).expect("topic");
+        // Small fetches and a small local queue, so the stalled reader holds little.
+        let backend = backend_with(
+            &mock.bootstrap_servers(),
+            "[backends.mock.properties]\n\"queued.max.messages.kbytes\" = 1000\n\"fetch.max.bytes\" = 1000000\n\"max.partition.fetch.bytes\" = 600000",
+        );
+        let recorder = Arc::new(Recorder::default());
+        backend
+            .subscribe(Subscription {
+                id: 1,
+                route: 0,
+                filter: "overtaken".into(),
+                key: None,
+                start: StartPosition::Latest,
+                sink: recorder.clone(),
+            })
+            .await
+            .expect("subscribe");
+        recorder.hold(true);
+        backend.publish(big("overtaken")).await.expect("publish");
+        wait_for("the reader stalls on the first message", || {
+            !recorder.0.lock().unwrap().is_empty()
+        })
+        .await;
+        for _ in 1..20 {
+            backend.publish(big("overtaken")).await.expect("publish");
+        }
+        recorder.hold(false);
+        wait_for("the last message", || {
+            recorder.0.lock().unwrap().last() == Some(&Seen::Message(19))
+        })
+        .await;
+        let seen = std::mem::take(&mut *recorder.0.lock().unwrap());
+        let gap = seen
+            .iter()
+            .position(|s| matches!(s, Seen::Gap(_)))
+            .unwrap_or_else(|| panic!("a gap is reported: {seen:?}"));
+        let Seen::Gap(SubscriptionEvent::Gap {
+            partition: 0,
+            requested,
+            available,
+        }) = seen[gap]
+        else {
+            panic!("{seen:?}")
+        };
+        let before: Vec<&Seen> = seen[..gap].iter().collect();
+        let expected_before: Vec<Seen> = (0..requested).map(Seen::Message).collect();
+        assert_eq!(
+            before,
+            expected_before.iter().collect::<Vec<_>>(),
+            "{seen:?}"
+        );
+        let after: Vec<&Seen> = seen[gap + 1..].iter().collect();
+        let expected_after: Vec<Seen> = (available..20).map(Seen::Message).collect();
+        assert_eq!(after, expected_after.iter().collect::<Vec<_>>(), "{seen:?}");
+        assert!(available > requested, "{seen:?}");
         backend.close().await;
     }
 
