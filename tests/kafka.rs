@@ -205,8 +205,8 @@ async fn a_timestamp_start_skips_older_messages() {
     let mut publisher = Client::connect(gw.local_addr()).await;
     publish_seq(&mut publisher, &channel, 2, 0).await;
     let cut = now_ms();
-    // Later messages must carry a later millisecond than the cut.
-    eventually("the clock moves past the cut", async || now_ms() > cut).await;
+    // The next message must be stamped after `cut + 1`, the start asked for below.
+    eventually("the clock moves past the cut", async || now_ms() > cut + 1).await;
     let ok = publisher
         .request(json!({"type": "publish", "channel": channel, "payload": {"seq": 2}}))
         .await;
