@@ -268,7 +268,7 @@ impl KafkaConfig {
     }
 
     /// Settings shared by every client of this backend.
-    fn common(&self, group_id: &str) -> ClientConfig {
+    fn common(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         for (key, value) in &self.properties {
             config.set(key, value.to_property());
@@ -276,14 +276,13 @@ impl KafkaConfig {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id)
-            .set("group.id", group_id)
             .set("allow.auto.create.topics", "false");
         config
     }
 
     /// The producer's settings.
-    pub fn producer(&self, group_id: &str) -> ClientConfig {
-        let mut config = self.common(group_id);
+    pub fn producer(&self) -> ClientConfig {
+        let mut config = self.common();
         config
             .set("acks", self.acks.as_property())
             .set("enable.idempotence", self.idempotence.to_string())
@@ -303,8 +302,9 @@ impl KafkaConfig {
 
     /// A consumer's settings. Consumers are assigned partitions and offsets explicitly.
     pub fn consumer(&self, group_id: &str) -> ClientConfig {
-        let mut config = self.common(group_id);
+        let mut config = self.common();
         config
+            .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")

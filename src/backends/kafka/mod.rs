@@ -106,7 +106,7 @@ impl KafkaBackend {
         let context = KafkaContext::new(cx.name);
         let fatal = Arc::new(AtomicBool::new(false));
         let producer = ProducerSlot::new(
-            config.producer(&group_id),
+            config.producer(),
             context.for_producer(health.clone(), fatal.clone()),
             fatal,
             config.delivery_timeout,
@@ -276,6 +276,13 @@ impl KafkaBackend {
                 }))
             }
         }
+    }
+}
+
+impl Drop for KafkaBackend {
+    fn drop(&mut self) {
+        // Without `close` (e.g. the gateway failed to start), the probe must still end.
+        self.shutdown.cancel();
     }
 }
 
