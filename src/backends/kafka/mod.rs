@@ -142,15 +142,19 @@ impl KafkaBackend {
 
     /// The partitions of a topic, from the broker.
     async fn partitions(&self, topic: &str) -> Result<Vec<i32>, BackendError> {
+        self.partitions_within(topic, LOOKUP_TIMEOUT).await
+    }
+
+    async fn partitions_within(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<i32>, BackendError> {
         let producer = self.producer.get();
         let name = topic.to_owned();
-        let metadata = blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&name), LOOKUP_TIMEOUT)
-        })
-        .await?
-        .map_err(lookup_error)?;
+        let metadata = blocking(move || producer.client().fetch_metadata(Some(&name), timeout))
+            .await?
+            .map_err(lookup_error)?;
         let unknown = || BackendError::Rejected {
             code: "unknown_topic",
             message: format!("Kafka topic {topic:?} does not exist"),
@@ -184,14 +188,16 @@ impl KafkaBackend {
         Ok(partitions)
     }
 
-    /// A topic's partition count, cached for publishes.
+    /// A topic's partition count, cached for publishes; a lookup stays within the delivery
+    /// timeout so a publish is answered within it.
     async fn partition_count(&self, topic: &str) -> Result<usize, BackendError> {
         if let Some((count, at)) = lock(&self.topic_cache).get(topic)
             && at.elapsed() < TOPIC_CACHE_TTL
         {
             return Ok(*count);
         }
-        Ok(self.partitions(topic).await?.len())
+        let timeout = self.config.delivery_timeout.min(LOOKUP_TIMEOUT);
+        Ok(self.partitions_within(topic, timeout).await?.len())
     }
 
     async fn subscribe_live(&self, topic: String, sub: Sub) -> Result<(), BackendError> {
