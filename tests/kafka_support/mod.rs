@@ -174,3 +174,12 @@ impl PrivateBroker {
         }
     }
 }
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        // Also on a failed test: the broker must not outlive it.
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+    }
+}
