@@ -7,6 +7,7 @@
 //! folder and the registration lines in this file.
 
 pub mod amqp;
+pub mod kafka;
 pub mod memory;
 
 use std::fmt;
@@ -203,6 +204,7 @@ pub struct BuildContext<'a> {
 pub enum BackendConfig {
     Memory(memory::MemoryConfig),
     Amqp(amqp::AmqpConfig),
+    Kafka(kafka::KafkaConfig),
 }
 
 impl BackendConfig {
@@ -243,6 +245,11 @@ impl BackendConfig {
             "amqp" => {
                 amqp::AmqpConfig::from_section(table, path, problems).map(BackendConfig::Amqp)
             }
+            "kafka" => {
+                crate::config::deserialize_section::<kafka::KafkaConfig>(table, path, problems)
+                    .inspect(|c| c.validate(path, problems))
+                    .map(BackendConfig::Kafka)
+            }
             other => {
                 problems.push(ConfigProblem::new(
                     format!("{path}.type"),
@@ -257,12 +264,13 @@ impl BackendConfig {
     }
 
     /// Every `type` value, for error messages.
-    pub const TYPES: &'static [&'static str] = &["memory", "amqp"];
+    pub const TYPES: &'static [&'static str] = &["memory", "amqp", "kafka"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             BackendConfig::Memory(_) => "memory",
             BackendConfig::Amqp(_) => "amqp",
+            BackendConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -271,6 +279,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Memory(_) => TopicSyntax::SLASH,
             BackendConfig::Amqp(_) => amqp::ROUTING_KEY,
+            BackendConfig::Kafka(_) => kafka::KAFKA_TOPIC,
         }
     }
 
@@ -279,6 +288,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Memory(_) => false,
             BackendConfig::Amqp(_) => false,
+            BackendConfig::Kafka(_) => true,
         }
     }
 
@@ -294,6 +304,7 @@ impl BackendConfig {
                 }
             }
             BackendConfig::Amqp(c) => c.check_route(route, path, problems),
+            BackendConfig::Kafka(_) => kafka::check_route(route, path, problems),
         }
     }
 
@@ -303,6 +314,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
             BackendConfig::Amqp(c) => Ok(Arc::new(amqp::AmqpBackend::new(c, cx)?)),
+            BackendConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaBackend::new(c, cx)?)),
         }
     }
 }
