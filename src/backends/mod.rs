@@ -7,6 +7,7 @@
 //! folder and the registration lines in this file.
 
 pub mod memory;
+pub mod mqtt;
 
 use std::fmt;
 use std::sync::Arc;
@@ -201,6 +202,7 @@ pub struct BuildContext<'a> {
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Memory(memory::MemoryConfig),
+    Mqtt(Box<mqtt::MqttConfig>),
 }
 
 impl BackendConfig {
@@ -238,6 +240,7 @@ impl BackendConfig {
         let section = crate::config::deserialize_section;
         match kind.as_str() {
             "memory" => section(table, path, problems).map(BackendConfig::Memory),
+            "mqtt" => mqtt::MqttConfig::parse(table, path, problems).map(BackendConfig::Mqtt),
             other => {
                 problems.push(ConfigProblem::new(
                     format!("{path}.type"),
@@ -252,11 +255,12 @@ impl BackendConfig {
     }
 
     /// Every `type` value, for error messages.
-    pub const TYPES: &'static [&'static str] = &["memory"];
+    pub const TYPES: &'static [&'static str] = &["memory", "mqtt"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             BackendConfig::Memory(_) => "memory",
+            BackendConfig::Mqtt(_) => "mqtt",
         }
     }
 
@@ -264,6 +268,7 @@ impl BackendConfig {
     pub fn topic_syntax(&self) -> TopicSyntax {
         match self {
             BackendConfig::Memory(_) => TopicSyntax::SLASH,
+            BackendConfig::Mqtt(_) => mqtt::MQTT_TOPIC,
         }
     }
 
@@ -271,6 +276,7 @@ impl BackendConfig {
     pub fn supports_keys(&self) -> bool {
         match self {
             BackendConfig::Memory(_) => false,
+            BackendConfig::Mqtt(_) => false,
         }
     }
 
@@ -285,6 +291,9 @@ impl BackendConfig {
                     ));
                 }
             }
+            BackendConfig::Mqtt(c) => {
+                mqtt::RouteOptions::parse(route, c.protocol, path, problems);
+            }
         }
     }
 
@@ -293,6 +302,7 @@ impl BackendConfig {
     pub async fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
         match self {
             BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
+            BackendConfig::Mqtt(c) => Ok(Arc::new(mqtt::MqttBackend::start(c, cx)?)),
         }
     }
 }

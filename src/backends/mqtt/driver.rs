@@ -1,0 +1,394 @@
+//! The task that owns the MQTT connection: polls rumqttc's event loop without pause, routes
+//! incoming messages, matches acknowledgements to waiting requests and reconnects.
+//!
+//! rumqttc reports a queued request only when it writes it (`Outgoing::Publish(pkid)` etc.), in
+//! the order the requests were queued. Every request is queued together with an [`Expect`] under
+//! the [`Link`] lock, so the n-th "sent" event belongs to the n-th expectation; from then on
+//! its packet id finds it when the PUBACK, PUBCOMP or SUBACK arrives. When the connection fails,
+//! everything not yet sent is thrown away (sessions are clean) and every waiter is answered with
+//! `backend_unavailable`; after the next CONNACK each wanted subscription is made again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::client::{self, Client, EventLoop, Granted, Incoming, LinkEvent};
+use super::config::{ProtocolVersion, Qos};
+use super::table::{CopyFilter, EntryState, Table};
+use crate::backends::{BackendError, Health};
+
+/// Resolved with the broker's answer to one publish.
+pub type PublishWaiter = oneshot::Sender<Result<(), BackendError>>;
+
+/// A queued request whose "sent" event has not arrived yet.
+pub enum Expect {
+    Publish(PublishWaiter),
+    Subscribe { filter: String, id: u32 },
+    Unsubscribe,
+}
+
+/// The connection's request bookkeeping, shared by callers and the driver.
+pub struct Link {
+    pub connected: bool,
+    /// `close` was called: no new requests.
+    pub closing: bool,
+    /// What the broker granted on the current connection.
+    pub granted: Granted,
+    /// Whether subscriptions carry MQTT 5 subscription identifiers on this connection.
+    pub use_ids: bool,
+    pub expected: VecDeque<Expect>,
+    /// Publishes sent and not yet acknowledged, by packet id.
+    publishes: HashMap<u16, PublishWaiter>,
+    /// A publish rumqttc holds back until its packet id is free.
+    parked: Option<(u16, PublishWaiter)>,
+    /// SUBSCRIBEs sent and not yet acknowledged: packet id → (filter, entry id).
+    subscribes: HashMap<u16, (String, u32)>,
+}
+
+impl Link {
+    fn new() -> Self {
+        Link {
+            connected: false,
+            closing: false,
+            granted: Granted {
+                max_packet_size: None,
+                max_qos: Qos::ExactlyOnce,
+                retain_available: true,
+                subscription_ids_available: false,
+            },
+            use_ids: false,
+            expected: VecDeque::new(),
+            publishes: HashMap::new(),
+            parked: None,
+            subscribes: HashMap::new(),
+        }
+    }
+}
+
+/// State shared by the backend (callers) and the driver task. Lock order: `table`, then `link`.
+pub struct Shared {
+    /// The broker URL, for messages.
+    pub url: String,
+    pub protocol: ProtocolVersion,
+    pub client: Client,
+    pub table: RwLock<Table>,
+    pub link: Mutex<Link>,
+    pub health: watch::Sender<Health>,
+}
+
+impl Shared {
+    pub fn new(url: String, protocol: ProtocolVersion, client: Client) -> Self {
+        let health = watch::Sender::new(Health::Down {
+            reason: format!("connecting to {url}"),
+        });
+        Shared {
+            url,
+            protocol,
+            client,
+            table: RwLock::new(Table::default()),
+            link: Mutex::new(Link::new()),
+            health,
+        }
+    }
+
+    pub fn table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The error for a request made while not connected.
+    pub fn unavailable(&self) -> BackendError {
+        let reason = match &*self.health.borrow() {
+            Health::Down { reason } => reason.clone(),
+            Health::Up => "not connected".into(),
+        };
+        BackendError::Unavailable(format!("MQTT broker {} is unreachable: {reason}", self.url))
+    }
+}
+
+/// Reconnection delays.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Polls the event loop until `stop` is cancelled or the backend's DISCONNECT has gone out.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut eventloop: EventLoop,
+    backoff: Backoff,
+    stop: CancellationToken,
+) {
+    let mut attempt: u32 = 0;
+    let mut copies = CopyFilter::default();
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            result = eventloop.poll() => result,
+        };
+        match result {
+            Ok(LinkEvent::Disconnecting) => break,
+            Ok(LinkEvent::Connected(granted)) => {
+                attempt = 0;
+                copies.reset();
+                shared.connected(granted, &mut eventloop);
+            }
+            Ok(event) => shared.handle(event, &mut copies),
+            Err(reason) => {
+                let was_connected = shared.connection_lost(&mut eventloop, &reason, &mut copies);
+                if was_connected {
+                    tracing::warn!(%reason, "lost the connection to the MQTT broker");
+                } else {
+                    tracing::debug!(%reason, attempt, "cannot connect to the MQTT broker");
+                }
+                if shared.link().closing {
+                    break;
+                }
+                let delay = client::backoff(attempt, backoff.min, backoff.max);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    shared.connection_lost(&mut eventloop, "the backend is closed", &mut copies);
+}
+
+impl Shared {
+    /// After CONNACK: marks the link up and makes every wanted subscription again.
+    fn connected(&self, granted: Granted, eventloop: &mut EventLoop) {
+        let mut table = self.table_mut();
+        let mut link = self.link();
+        link.connected = true;
+        link.granted = granted;
+        link.use_ids = self.protocol == ProtocolVersion::V5 && granted.subscription_ids_available;
+        let use_ids = link.use_ids;
+        let mut count = 0;
+        for entry in table.entries_mut() {
+            eventloop.queue_subscribe(&entry.filter, entry.qos, use_ids.then_some(entry.id));
+            link.expected.push_back(Expect::Subscribe {
+                filter: entry.filter.clone(),
+                id: entry.id,
+            });
+            entry.state = EntryState::Subscribing(Vec::new());
+            count += 1;
+        }
+        self.health.send_replace(Health::Up);
+        tracing::info!(url = %self.url, resubscribing = count, "connected to the MQTT broker");
+    }
+
+    /// Fails everything in flight and marks every subscription as not held. Returns whether
+    /// the link was up.
+    fn connection_lost(
+        &self,
+        eventloop: &mut EventLoop,
+        reason: &str,
+        copies: &mut CopyFilter,
+    ) -> bool {
+        let mut table = self.table_mut();
+        let mut link = self.link();
+        let was_connected = link.connected;
+        link.connected = false;
+        // Requests that raced the failure into rumqttc's queue are dropped with the rest.
+        let received = eventloop.forget_requests();
+
+        let not_sent = || {
+            BackendError::Unavailable(format!(
+                "the connection to the MQTT broker was lost before the request was sent: {reason}"
+            ))
+        };
+        let unknown = || {
+            BackendError::Unavailable(format!(
+                "the connection to the MQTT broker was lost before it acknowledged the publish, which may or may not have been delivered: {reason}"
+            ))
+        };
+        for expected in link.expected.drain(..) {
+            if let Expect::Publish(waiter) = expected {
+                let _ = waiter.send(Err(not_sent()));
+            }
+        }
+        for (_, waiter) in link.publishes.drain() {
+            let _ = waiter.send(Err(unknown()));
+        }
+        if let Some((_, waiter)) = link.parked.take() {
+            let _ = waiter.send(Err(not_sent()));
+        }
+        link.subscribes.clear();
+        for entry in table.entries_mut() {
+            if let EntryState::Subscribing(waiters) =
+                std::mem::replace(&mut entry.state, EntryState::Idle)
+            {
+                for (_, waiter) in waiters {
+                    let _ = waiter.send(Err(BackendError::Unavailable(format!(
+                        "the connection to the MQTT broker was lost before it confirmed the subscription: {reason}"
+                    ))));
+                }
+            }
+        }
+        drop(link);
+        drop(table);
+        for incoming in received {
+            self.dispatch(incoming, copies);
+        }
+        self.health.send_if_modified(|health| {
+            let down = Health::Down {
+                reason: reason.to_owned(),
+            };
+            let changed = *health != down;
+            *health = down;
+            changed
+        });
+        was_connected
+    }
+
+    fn handle(&self, event: LinkEvent, copies: &mut CopyFilter) {
+        match event {
+            LinkEvent::Message(incoming) => self.dispatch(*incoming, copies),
+            LinkEvent::PublishSent(pkid) => {
+                let mut link = self.link();
+                if let Some((parked, _)) = &link.parked
+                    && *parked == pkid
+                {
+                    if let Some((_, waiter)) = link.parked.take() {
+                        link.publishes.insert(pkid, waiter);
+                    }
+                    return;
+                }
+                match link.expected.pop_front() {
+                    Some(Expect::Publish(waiter)) if pkid == 0 => {
+                        // QoS 0: written to the connection is all the broker ever confirms.
+                        let _ = waiter.send(Ok(()));
+                    }
+                    Some(Expect::Publish(waiter)) => {
+                        link.publishes.insert(pkid, waiter);
+                    }
+                    other => out_of_step("PUBLISH", other),
+                }
+            }
+            LinkEvent::PublishParked(pkid) => {
+                let mut link = self.link();
+                match link.expected.pop_front() {
+                    Some(Expect::Publish(waiter)) => link.parked = Some((pkid, waiter)),
+                    other => out_of_step("PUBLISH", other),
+                }
+            }
+            LinkEvent::SubscribeSent(pkid) => {
+                let mut link = self.link();
+                match link.expected.pop_front() {
+                    Some(Expect::Subscribe { filter, id }) => {
+                        link.subscribes.insert(pkid, (filter, id));
+                    }
+                    other => out_of_step("SUBSCRIBE", other),
+                }
+            }
+            LinkEvent::UnsubscribeSent => {
+                let mut link = self.link();
+                match link.expected.pop_front() {
+                    Some(Expect::Unsubscribe) => {}
+                    other => out_of_step("UNSUBSCRIBE", other),
+                }
+            }
+            LinkEvent::PublishDone { pkid, refused } => {
+                if let Some(waiter) = self.link().publishes.remove(&pkid) {
+                    let _ = waiter.send(refused.map_or(Ok(()), Err));
+                }
+            }
+            LinkEvent::SubscribeDone { pkid, refused } => self.subscribed(pkid, refused),
+            LinkEvent::Connected(_) | LinkEvent::Disconnecting | LinkEvent::Other => {}
+        }
+    }
+
+    fn subscribed(&self, pkid: u16, refused: Option<BackendError>) {
+        let mut table = self.table_mut();
+        let Some((filter, id)) = self.link().subscribes.remove(&pkid) else {
+            return;
+        };
+        let Some(entry) = table.get_mut(&filter, id) else {
+            // Unsubscribed while the SUBSCRIBE was in flight.
+            return;
+        };
+        let waiters = match std::mem::replace(&mut entry.state, EntryState::Active) {
+            EntryState::Subscribing(waiters) => waiters,
+            _ => Vec::new(),
+        };
+        match refused {
+            None => {
+                for (_, waiter) in waiters {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            Some(error) => {
+                tracing::warn!(%filter, %error, "the MQTT broker refused a subscription");
+                let upstreams: Vec<_> = waiters.iter().map(|(upstream, _)| *upstream).collect();
+                table.refuse(&filter, &upstreams);
+                for (_, waiter) in waiters {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// Hands a message to the sinks of the subscriptions it was sent for. Never blocks: sinks
+    /// queue per client.
+    fn dispatch(&self, incoming: Incoming, copies: &mut CopyFilter) {
+        let table = self.table();
+        let Incoming {
+            message,
+            retain,
+            subscription_ids,
+        } = incoming;
+        let mut delivered = false;
+        if !subscription_ids.is_empty() {
+            for id in subscription_ids {
+                if let Some(entry) = table.by_id(id) {
+                    for (_, sink) in &entry.sinks {
+                        sink.deliver(message.clone());
+                        delivered = true;
+                    }
+                }
+            }
+        } else {
+            let matching: Vec<_> = table.matching(&message.topic).collect();
+            // A retained message is sent once, for the subscription just made.
+            if !retain && copies.is_extra_copy(&message.topic, &message.payload, matching.len()) {
+                return;
+            }
+            for entry in matching {
+                for (_, sink) in &entry.sinks {
+                    sink.deliver(message.clone());
+                    delivered = true;
+                }
+            }
+        }
+        if !delivered {
+            tracing::debug!(topic = %message.topic, "MQTT message for no current subscription");
+        }
+    }
+}
+
+/// rumqttc reported a request other than the one expected next. This cannot happen while every
+/// request is queued with its expectation; if it does, the affected waiter is answered when the
+/// connection is next reset or by the core's request timeout.
+fn out_of_step(sent: &str, expected: Option<Expect>) {
+    let expected = match expected {
+        None => "nothing",
+        Some(Expect::Publish(_)) => "a PUBLISH",
+        Some(Expect::Subscribe { .. }) => "a SUBSCRIBE",
+        Some(Expect::Unsubscribe) => "an UNSUBSCRIBE",
+    };
+    tracing::error!(sent, expected, "MQTT request bookkeeping out of step");
+}
