@@ -176,6 +176,14 @@ pub trait Backend: Send + Sync {
     /// Stops an upstream subscription; no message is delivered to its sink afterwards.
     async fn unsubscribe(&self, id: UpstreamId) -> Result<(), BackendError>;
 
+    /// Another client joined upstream `id`, which the core already shares. A backend whose
+    /// broker keeps last values (MQTT retained messages) delivers them to `sink`, which reaches
+    /// only that client, as the broker would on a subscription of the client's own. Must not
+    /// block. By default nothing happens.
+    fn joined(&self, id: UpstreamId, sink: Arc<dyn MessageSink>) {
+        let _ = (id, sink);
+    }
+
     /// Publishes one message; resolves when the broker has accepted it (as far as the backend's
     /// delivery settings promise).
     async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError>;
