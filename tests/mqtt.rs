@@ -316,6 +316,14 @@ async fn retained_messages_reach_a_new_subscriber_at_once() {
         dashboard.next_message().await["payload"],
         json!({"celsius": 22})
     );
+    // A dashboard opened later shares the first one's MQTT subscription, and still gets the
+    // current value at once.
+    let mut late = Client::connect(addr).await;
+    late.subscribe("setpoints/berlin").await;
+    assert_eq!(late.next_message().await["payload"], json!({"celsius": 22}));
+    assert_eq!(gw.hub().upstream_counts(), vec![("plant".to_string(), 1)]);
+    late.assert_no_message().await;
+    dashboard.assert_no_message().await;
 
     // Leave nothing retained on the shared broker.
     mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &setpoint]).await;

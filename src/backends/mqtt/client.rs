@@ -202,6 +202,20 @@ fn qos4(qos: Qos) -> rumqttc::QoS {
     }
 }
 
+/// An MQTT 5 subscription that keeps the retain flag of live messages (Retain As Published).
+fn filter5(filter: &str, qos: Qos) -> packet5::Filter {
+    let mut filter = packet5::Filter::new(filter, qos5(qos));
+    filter.preserve_retain = true;
+    filter
+}
+
+fn properties5(id: u32) -> packet5::SubscribeProperties {
+    packet5::SubscribeProperties {
+        id: Some(id as usize),
+        user_properties: Vec::new(),
+    }
+}
+
 fn from_qos5(qos: u8) -> Qos {
     match qos {
         0 => Qos::AtMostOnce,
@@ -269,18 +283,14 @@ impl Client {
         }
     }
 
-    /// Queues a SUBSCRIBE; `id` is the MQTT 5 subscription identifier (ignored for 3.1.1).
+    /// Queues a SUBSCRIBE. `id` is the MQTT 5 subscription identifier (ignored for 3.1.1);
+    /// with one, the subscription also asks for Retain As Published, so retained messages keep
+    /// their flag after the subscription was made and the backend can keep the last ones.
     pub fn try_subscribe(&self, filter: &str, qos: Qos, id: Option<u32>) -> Result<(), NotQueued> {
         match self {
             Client::V5(client) => match id {
-                Some(id) => client.try_subscribe_with_properties(
-                    filter,
-                    qos5(qos),
-                    packet5::SubscribeProperties {
-                        id: Some(id as usize),
-                        user_properties: Vec::new(),
-                    },
-                ),
+                Some(id) => client
+                    .try_subscribe_many_with_properties([filter5(filter, qos)], properties5(id)),
                 None => client.try_subscribe(filter, qos5(qos)),
             }
             .map_err(|_| NotQueued),
@@ -376,12 +386,12 @@ impl EventLoop {
     pub fn queue_subscribe(&mut self, filter: &str, qos: Qos, id: Option<u32>) {
         match self {
             EventLoop::V5(eventloop) => {
-                let properties = id.map(|id| packet5::SubscribeProperties {
-                    id: Some(id as usize),
-                    user_properties: Vec::new(),
-                });
-                let subscribe =
-                    packet5::Subscribe::new(packet5::Filter::new(filter, qos5(qos)), properties);
+                let subscribe = match id {
+                    Some(id) => {
+                        packet5::Subscribe::new(filter5(filter, qos), Some(properties5(id)))
+                    }
+                    None => packet5::Subscribe::new(packet5::Filter::new(filter, qos5(qos)), None),
+                };
                 eventloop
                     .pending
                     .push_back(v5::Request::Subscribe(subscribe));

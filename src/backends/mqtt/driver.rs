@@ -229,6 +229,7 @@ impl Shared {
         }
         link.subscribes.clear();
         for entry in table.entries_mut() {
+            entry.forget_retained();
             if let EntryState::Subscribing(waiters) =
                 std::mem::replace(&mut entry.state, EntryState::Idle)
             {
@@ -355,6 +356,9 @@ impl Shared {
         if !subscription_ids.is_empty() {
             for id in subscription_ids {
                 if let Some(entry) = table.by_id(id) {
+                    if retain {
+                        entry.keep_retained(&message);
+                    }
                     for (_, sink) in &entry.sinks {
                         sink.deliver(message.clone());
                         delivered = true;

@@ -41,8 +41,8 @@ use tracing::Instrument;
 pub use config::{MqttConfig, ProtocolVersion, Qos, RouteOptions};
 
 use super::{
-    Backend, BackendError, BuildContext, Health, Publish, PublishReceipt, StartPosition,
-    Subscription, UpstreamId,
+    Backend, BackendError, BuildContext, Health, MessageSink, Publish, PublishReceipt,
+    StartPosition, Subscription, UpstreamId,
 };
 use crate::config::ConfigProblem;
 use crate::routing::TopicSyntax;
@@ -169,8 +169,16 @@ impl Backend for MqttBackend {
                 return Err(self.shared.unavailable());
             }
             let filter = subscription.filter.as_str();
+            let sink = subscription.sink.clone();
             match table.add(subscription.id, filter, qos, subscription.sink, tx) {
-                (Added::Active, _) => return Ok(()),
+                (Added::Active, _) => {
+                    // Shares a subscription another route made: no retained messages come from
+                    // the broker for it, so hand over the ones kept.
+                    if let Some(entry) = table.entry_of(subscription.id) {
+                        entry.replay_retained(sink.as_ref());
+                    }
+                    return Ok(());
+                }
                 (Added::Waiting, _) => {}
                 (Added::New { id }, _) => {
                     let ids = link.use_ids.then_some(id);
@@ -295,6 +303,17 @@ impl Backend for MqttBackend {
             Err(_) => Err(BackendError::Failed(
                 "the MQTT connection task stopped before the broker answered".into(),
             )),
+        }
+    }
+
+    fn joined(&self, id: UpstreamId, sink: Arc<dyn MessageSink>) {
+        // While the subscription is still being made, the broker's retained messages are yet to
+        // come and reach every client on it, the new one included.
+        let table = self.shared.table();
+        if let Some(entry) = table.entry_of(id)
+            && matches!(entry.state, EntryState::Active)
+        {
+            entry.replay_retained(sink.as_ref());
         }
     }
 

@@ -8,14 +8,14 @@
 //! against the filters here ([`Table::matching`]) and [`CopyFilter`] drops the broker's extra
 //! copies.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::config::Qos;
-use crate::backends::{BackendError, MessageSink, UpstreamId};
+use crate::backends::{BackendError, BrokerMessage, MessageSink, UpstreamId};
 
 /// Largest MQTT 5 subscription identifier (a variable byte integer).
 const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;
@@ -43,6 +43,39 @@ pub struct Entry {
     pub qos: Qos,
     pub sinks: Vec<(UpstreamId, Arc<dyn MessageSink>)>,
     pub state: EntryState,
+    /// The broker's retained messages under this filter, by topic, for clients that join
+    /// after the subscription was made (kept only when messages say whether they are retained,
+    /// i.e. with MQTT 5 subscription identifiers).
+    retained: Mutex<BTreeMap<String, BrokerMessage>>,
+}
+
+impl Entry {
+    /// Records a message that arrived with the retain flag: an empty one deletes the topic's
+    /// retained message at the broker, any other replaces it.
+    pub fn keep_retained(&self, message: &BrokerMessage) {
+        let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        if message.payload.is_empty() {
+            retained.remove(&message.topic);
+        } else {
+            retained.insert(message.topic.clone(), message.clone());
+        }
+    }
+
+    /// Hands the retained messages to a sink, in topic order.
+    pub fn replay_retained(&self, sink: &dyn MessageSink) {
+        let retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        for message in retained.values() {
+            sink.deliver(message.clone());
+        }
+    }
+
+    /// Forgets the retained messages; the broker sends them again on the next subscription.
+    pub fn forget_retained(&self) {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
 }
 
 /// Every wanted subscription, indexed by filter, identifier and upstream.
@@ -117,6 +150,7 @@ impl Table {
                 qos,
                 sinks: vec![(upstream, sink)],
                 state: EntryState::Subscribing(vec![(upstream, waiter)]),
+                retained: Mutex::new(BTreeMap::new()),
             },
         );
         (Added::New { id }, None)
@@ -169,6 +203,11 @@ impl Table {
             self.entries.remove(filter);
             self.by_id.remove(&id);
         }
+    }
+
+    /// The entry an upstream is on.
+    pub fn entry_of(&self, upstream: UpstreamId) -> Option<&Entry> {
+        self.entries.get(self.by_upstream.get(&upstream)?)
     }
 
     pub fn by_id(&self, id: usize) -> Option<&Entry> {
@@ -245,7 +284,7 @@ impl CopyFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::{BrokerMessage, SubscriptionEvent};
+    use crate::backends::SubscriptionEvent;
 
     #[test]
     fn filters_match_like_an_mqtt_broker() {
