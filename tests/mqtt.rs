@@ -221,12 +221,8 @@ async fn websocket_publishes_reach_mosquitto_sub_byte_for_byte() {
 /// message exactly once.
 async fn wildcards_and_overlapping_subscriptions(protocol: &str) {
     let prefix = unique("wsbt");
-    let gw = gateway(
-        &shared_url(),
-        &prefix,
-        &format!("protocol = \"{protocol}\""),
-    )
-    .await;
+    let backend = format!("protocol = \"{protocol}\"");
+    let gw = gateway(&shared_url(), &prefix, &backend).await;
     let addr = gw.local_addr();
     let mut plus = Client::connect(addr).await;
     let mut hash = Client::connect(addr).await;
@@ -236,43 +232,37 @@ async fn wildcards_and_overlapping_subscriptions(protocol: &str) {
     sites.subscribe("sensors/+/humidity").await;
     assert_eq!(gw.hub().upstream_counts(), vec![("plant".to_string(), 3)]);
 
-    for rest in [
+    // berlin/a/temp matches both `+/temp` and `#`, and is published twice with the same payload:
+    // each subscription gets it twice, no more, no less.
+    let published = [
         "berlin",
+        "berlin/a/temp",
         "berlin/a/temp",
         "berlin/a/b/temp",
         "berlin/b/humidity",
         "paris/humidity",
-    ] {
-        mosquitto_pub(
-            SHARED_PORT,
-            &[
-                "-q",
-                "1",
-                "-t",
-                &format!("{prefix}/plant/{rest}"),
-                "-m",
-                &json!(rest).to_string(),
-            ],
-        )
-        .await;
+    ];
+    for rest in published {
+        let topic = format!("{prefix}/plant/{rest}");
+        let payload = json!(rest).to_string();
+        mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", &payload]).await;
     }
     for expected in [
         "sensors/berlin",
+        "sensors/berlin/a/temp",
         "sensors/berlin/a/temp",
         "sensors/berlin/a/b/temp",
         "sensors/berlin/b/humidity",
     ] {
         assert_eq!(hash.next_message().await["channel"], expected);
     }
-    assert_eq!(
-        plus.next_message().await["channel"],
-        "sensors/berlin/a/temp"
-    );
-    assert_eq!(
-        sites.next_message().await["channel"],
-        "sensors/paris/humidity"
-    );
-    // `sensors/+/humidity` also covers berlin/b/humidity, which is deeper: not for it.
+    for _ in 0..2 {
+        let m = plus.next_message().await;
+        assert_eq!(m["channel"], "sensors/berlin/a/temp");
+    }
+    // berlin/b/humidity is one level too deep for `sensors/+/humidity`.
+    let m = sites.next_message().await;
+    assert_eq!(m["channel"], "sensors/paris/humidity");
     for client in [&mut plus, &mut hash, &mut sites] {
         client.assert_no_message().await;
     }
@@ -328,6 +318,43 @@ async fn retained_messages_reach_a_new_subscriber_at_once() {
     // Leave nothing retained on the shared broker.
     mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &setpoint]).await;
     gw.shutdown().await;
+}
+
+/// A retained message sent for a new subscription reaches that subscription's clients only,
+/// not the clients of an overlapping one that already had it.
+async fn retained_messages_go_to_the_new_subscription_only(protocol: &str) {
+    let prefix = unique("wsbt");
+    let backend = format!("protocol = \"{protocol}\"");
+    let gw = gateway(&shared_url(), &prefix, &backend).await;
+    let addr = gw.local_addr();
+    let state = format!("{prefix}/plant/berlin/state");
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-t", &state, "-m", "idle"]).await;
+
+    let mut all = Client::connect(addr).await;
+    all.subscribe("sensors/berlin/#").await;
+    assert_eq!(all.next_message().await["payload"], "idle");
+    let mut level = Client::connect(addr).await;
+    level.subscribe("sensors/berlin/+").await;
+    assert_eq!(level.next_message().await["payload"], "idle");
+    all.assert_no_message().await;
+
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &state, "-m", "busy"]).await;
+    for client in [&mut all, &mut level] {
+        assert_eq!(client.next_message().await["payload"], "busy");
+        client.assert_no_message().await;
+    }
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &state]).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn retained_messages_go_to_the_new_subscription_only_with_mqtt_5() {
+    retained_messages_go_to_the_new_subscription_only("5").await;
+}
+
+#[tokio::test]
+async fn retained_messages_go_to_the_new_subscription_only_with_mqtt_3_1_1() {
+    retained_messages_go_to_the_new_subscription_only("3.1.1").await;
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{self, Client, EventLoop, Granted, Incoming, LinkEvent};
 use super::config::{ProtocolVersion, Qos};
-use super::table::{CopyFilter, EntryState, Table};
+use super::table::{EntryState, Table, filter_matches};
 use crate::backends::{BackendError, Health};
 
 /// Resolved with the broker's answer to one publish.
@@ -116,6 +116,10 @@ impl Shared {
     }
 }
 
+/// The subscription the broker acknowledged last on this connection.
+#[derive(Default)]
+struct LastSubscribed(Option<u32>);
+
 /// Reconnection delays.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -131,7 +135,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut attempt: u32 = 0;
-    let mut copies = CopyFilter::default();
+    let mut last = LastSubscribed::default();
     loop {
         let result = tokio::select! {
             biased;
@@ -142,12 +146,12 @@ pub async fn run(
             Ok(LinkEvent::Disconnecting) => break,
             Ok(LinkEvent::Connected(granted)) => {
                 attempt = 0;
-                copies.reset();
+                last = LastSubscribed::default();
                 shared.connected(granted, &mut eventloop);
             }
-            Ok(event) => shared.handle(event, &mut copies),
+            Ok(event) => shared.handle(event, &mut last),
             Err(reason) => {
-                let was_connected = shared.connection_lost(&mut eventloop, &reason, &mut copies);
+                let was_connected = shared.connection_lost(&mut eventloop, &reason, &last);
                 if was_connected {
                     tracing::warn!(%reason, "lost the connection to the MQTT broker");
                 } else {
@@ -165,7 +169,7 @@ pub async fn run(
             }
         }
     }
-    shared.connection_lost(&mut eventloop, "the backend is closed", &mut copies);
+    shared.connection_lost(&mut eventloop, "the backend is closed", &last);
 }
 
 impl Shared {
@@ -197,7 +201,7 @@ impl Shared {
         &self,
         eventloop: &mut EventLoop,
         reason: &str,
-        copies: &mut CopyFilter,
+        last: &LastSubscribed,
     ) -> bool {
         let mut table = self.table_mut();
         let mut link = self.link();
@@ -243,7 +247,7 @@ impl Shared {
         drop(link);
         drop(table);
         for incoming in received {
-            self.dispatch(incoming, copies);
+            self.dispatch(incoming, last);
         }
         self.health.send_if_modified(|health| {
             let down = Health::Down {
@@ -256,9 +260,9 @@ impl Shared {
         was_connected
     }
 
-    fn handle(&self, event: LinkEvent, copies: &mut CopyFilter) {
+    fn handle(&self, event: LinkEvent, last: &mut LastSubscribed) {
         match event {
-            LinkEvent::Message(incoming) => self.dispatch(*incoming, copies),
+            LinkEvent::Message(incoming) => self.dispatch(*incoming, last),
             LinkEvent::PublishSent(pkid) => {
                 let mut link = self.link();
                 if let Some((parked, _)) = &link.parked
@@ -308,20 +312,21 @@ impl Shared {
                     let _ = waiter.send(refused.map_or(Ok(()), Err));
                 }
             }
-            LinkEvent::SubscribeDone { pkid, refused } => self.subscribed(pkid, refused),
+            LinkEvent::SubscribeDone { pkid, refused } => {
+                if let Some(id) = self.subscribed(pkid, refused) {
+                    last.0 = Some(id);
+                }
+            }
             LinkEvent::Connected(_) | LinkEvent::Disconnecting | LinkEvent::Other => {}
         }
     }
 
-    fn subscribed(&self, pkid: u16, refused: Option<BackendError>) {
+    /// Handles a SUBACK; returns the entry the broker now holds, if it accepted.
+    fn subscribed(&self, pkid: u16, refused: Option<BackendError>) -> Option<u32> {
         let mut table = self.table_mut();
-        let Some((filter, id)) = self.link().subscribes.remove(&pkid) else {
-            return;
-        };
-        let Some(entry) = table.get_mut(&filter, id) else {
-            // Unsubscribed while the SUBSCRIBE was in flight.
-            return;
-        };
+        let (filter, id) = self.link().subscribes.remove(&pkid)?;
+        // None: unsubscribed while the SUBSCRIBE was in flight.
+        let entry = table.get_mut(&filter, id)?;
         let waiters = match std::mem::replace(&mut entry.state, EntryState::Active) {
             EntryState::Subscribing(waiters) => waiters,
             _ => Vec::new(),
@@ -331,6 +336,7 @@ impl Shared {
                 for (_, waiter) in waiters {
                     let _ = waiter.send(Ok(()));
                 }
+                Some(id)
             }
             Some(error) => {
                 tracing::warn!(%filter, %error, "the MQTT broker refused a subscription");
@@ -339,13 +345,14 @@ impl Shared {
                 for (_, waiter) in waiters {
                     let _ = waiter.send(Err(error.clone()));
                 }
+                None
             }
         }
     }
 
     /// Hands a message to the sinks of the subscriptions it was sent for. Never blocks: sinks
     /// queue per client.
-    fn dispatch(&self, incoming: Incoming, copies: &mut CopyFilter) {
+    fn dispatch(&self, incoming: Incoming, last: &LastSubscribed) {
         let table = self.table();
         let Incoming {
             message,
@@ -366,12 +373,20 @@ impl Shared {
                 }
             }
         } else {
-            let matching: Vec<_> = table.matching(&message.topic).collect();
-            // A retained message is sent once, for the subscription just made.
-            if !retain && copies.is_extra_copy(&message.topic, &message.payload, matching.len()) {
-                return;
-            }
-            for entry in matching {
+            // Without identifiers (MQTT 3.1.1) a message says nothing about which subscription
+            // it is for. A live one goes to every matching subscription: Mosquitto sends one
+            // copy however many of them match. A retained one was sent for the subscription
+            // just acknowledged (MQTT 3.1.1 §3.3.1.3), and only its clients get it.
+            let fresh = last
+                .0
+                .filter(|_| retain)
+                .and_then(|id| table.by_id(id as usize))
+                .filter(|entry| filter_matches(&entry.filter, &message.topic));
+            let targets: Vec<_> = match fresh {
+                Some(entry) => vec![entry],
+                None => table.matching(&message.topic).collect(),
+            };
+            for entry in targets {
                 for (_, sink) in &entry.sinks {
                     sink.deliver(message.clone());
                     delivered = true;

@@ -11,7 +11,8 @@
 //! MQTT 5 every subscription carries its own subscription identifier and the broker stamps each
 //! message copy with the identifiers it matched, so overlapping filters (`a/#` and `a/+`) never
 //! deliver a message twice to the same subscription. MQTT 3.1.1 has no identifiers: messages
-//! are matched against the filters locally and the broker's extra copies are dropped.
+//! are matched against the filters locally (Mosquitto sends a 3.1.1 client one copy however
+//! many of its subscriptions match).
 //!
 //! A client publish goes out with its route's QoS and retain flag; the backend answers once
 //! the broker has acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2, written to the socket

@@ -5,13 +5,11 @@
 //! for the life of the backend; with MQTT 5 the broker stamps every message copy with the
 //! identifiers of the subscriptions it matched, so a message reaches exactly the entries it was
 //! sent for, even when filters overlap. Without identifiers (MQTT 3.1.1) messages are matched
-//! against the filters here ([`Table::matching`]) and [`CopyFilter`] drops the broker's extra
-//! copies.
+//! against the filters here ([`Table::matching`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::config::Qos;
@@ -249,38 +247,6 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     levels.next().is_none()
 }
 
-/// Suppresses the extra copies a broker sends when several of our filters match one message.
-///
-/// Without subscription identifiers (MQTT 3.1.1) a copy does not say which subscription it is
-/// for. Mosquitto, like most brokers, sends one copy per matching subscription, back to back.
-/// The first copy is delivered to every matching entry and the copies that follow it with the
-/// same topic and payload are dropped, as many as there were further matching entries.
-#[derive(Default)]
-pub struct CopyFilter {
-    last: Option<(String, Bytes, usize)>,
-}
-
-impl CopyFilter {
-    /// Whether this live (not retained) message is an extra copy to drop; `matching` is how many
-    /// entries its topic matches.
-    pub fn is_extra_copy(&mut self, topic: &str, payload: &Bytes, matching: usize) -> bool {
-        if let Some((t, p, remaining)) = &mut self.last
-            && *remaining > 0
-            && t == topic
-            && p == payload
-        {
-            *remaining -= 1;
-            return true;
-        }
-        self.last = (matching > 1).then(|| (topic.to_owned(), payload.clone(), matching - 1));
-        false
-    }
-
-    pub fn reset(&mut self) {
-        self.last = None;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,20 +315,5 @@ mod tests {
             panic!("a new entry after the old one is gone")
         };
         assert_ne!(next, id, "identifiers are never reused while in use");
-    }
-
-    #[test]
-    fn extra_copies_are_dropped_once_per_further_match() {
-        let mut copies = CopyFilter::default();
-        let p = Bytes::from_static(b"1");
-        assert!(!copies.is_extra_copy("a/b", &p, 3));
-        assert!(copies.is_extra_copy("a/b", &p, 3));
-        assert!(copies.is_extra_copy("a/b", &p, 3));
-        // Two copies dropped; a third identical message is a new publish.
-        assert!(!copies.is_extra_copy("a/b", &p, 3));
-        // A different message in between ends the run of copies.
-        assert!(!copies.is_extra_copy("a/c", &p, 1));
-        assert!(!copies.is_extra_copy("a/b", &p, 1));
-        assert!(!copies.is_extra_copy("a/b", &p, 1));
     }
 }
