@@ -411,3 +411,174 @@ fn out_of_step(sent: &str, expected: Option<Expect>) {
     };
     tracing::error!(sent, expected, "MQTT request bookkeeping out of step");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::mqtt::config::MqttConfig;
+    use crate::backends::{BrokerMessage, MessageSink, SubscriptionEvent};
+
+    fn shared(protocol: &str) -> (Shared, EventLoop) {
+        let config: MqttConfig = toml::from_str(&format!(
+            "url = \"mqtt://127.0.0.1:1\"\nprotocol = \"{protocol}\""
+        ))
+        .unwrap();
+        let (client, eventloop) = client::build(&config, "test".into()).unwrap();
+        let shared = Shared::new("mqtt://127.0.0.1:1".into(), config.protocol, client);
+        shared.link().connected = true;
+        (shared, eventloop)
+    }
+
+    fn publish(shared: &Shared) -> oneshot::Receiver<Result<(), BackendError>> {
+        let (tx, rx) = oneshot::channel();
+        shared.link().expected.push_back(Expect::Publish(tx));
+        rx
+    }
+
+    struct Nothing;
+    impl MessageSink for Nothing {
+        fn deliver(&self, _: BrokerMessage) {}
+        fn event(&self, _: SubscriptionEvent) {}
+    }
+
+    #[test]
+    fn acknowledgements_find_their_request_by_send_order_then_packet_id() {
+        let (shared, _eventloop) = shared("5");
+        let mut last = LastSubscribed::default();
+        let mut first = publish(&shared);
+        shared.link().expected.push_back(Expect::Unsubscribe);
+        let mut qos0 = publish(&shared);
+        let mut parked = publish(&shared);
+
+        shared.handle(LinkEvent::PublishSent(7), &mut last);
+        shared.handle(LinkEvent::UnsubscribeSent, &mut last);
+        shared.handle(LinkEvent::PublishSent(0), &mut last);
+        assert!(
+            matches!(qos0.try_recv(), Ok(Ok(()))),
+            "QoS 0 is done once written"
+        );
+        assert!(first.try_recv().is_err(), "QoS 1 waits for its PUBACK");
+
+        // rumqttc holds a publish back while its packet id is still in use, then sends it.
+        shared.handle(LinkEvent::PublishParked(3), &mut last);
+        shared.handle(
+            LinkEvent::PublishDone {
+                pkid: 7,
+                refused: None,
+            },
+            &mut last,
+        );
+        assert!(matches!(first.try_recv(), Ok(Ok(()))));
+        shared.handle(LinkEvent::PublishSent(3), &mut last);
+        shared.handle(
+            LinkEvent::PublishDone {
+                pkid: 3,
+                refused: Some(BackendError::Rejected {
+                    code: "forbidden",
+                    message: "no".into(),
+                }),
+            },
+            &mut last,
+        );
+        assert!(matches!(
+            parked.try_recv(),
+            Ok(Err(BackendError::Rejected {
+                code: "forbidden",
+                ..
+            }))
+        ));
+        assert!(shared.link().expected.is_empty());
+    }
+
+    #[test]
+    fn a_lost_connection_answers_every_waiting_request() {
+        let (shared, mut eventloop) = shared("5");
+        let mut last = LastSubscribed::default();
+        let mut sent = publish(&shared);
+        shared.handle(LinkEvent::PublishSent(1), &mut last);
+        let mut queued = publish(&shared);
+        let (tx, mut subscribing) = oneshot::channel();
+        shared
+            .table_mut()
+            .add(9, "a/#", Qos::AtLeastOnce, Arc::new(Nothing), tx);
+
+        assert!(shared.connection_lost(&mut eventloop, "broker gone", &last));
+        let message = |rx: &mut oneshot::Receiver<Result<(), BackendError>>| match rx.try_recv() {
+            Ok(Err(BackendError::Unavailable(m))) => m,
+            other => panic!("expected backend_unavailable, got {other:?}"),
+        };
+        assert!(message(&mut sent).contains("may or may not have been delivered"));
+        assert!(message(&mut queued).contains("before the request was sent"));
+        assert!(message(&mut subscribing).contains("broker gone"));
+        assert_eq!(
+            *shared.health.borrow(),
+            Health::Down {
+                reason: "broker gone".into()
+            }
+        );
+
+        // The wanted subscription is made again on the next connection.
+        shared.connected(
+            Granted {
+                max_packet_size: None,
+                max_qos: Qos::ExactlyOnce,
+                retain_available: true,
+                subscription_ids_available: true,
+            },
+            &mut eventloop,
+        );
+        assert!(shared.health.borrow().is_up());
+        assert!(matches!(
+            shared.link().expected.front(),
+            Some(Expect::Subscribe { filter, .. }) if filter == "a/#"
+        ));
+        shared.handle(LinkEvent::SubscribeSent(4), &mut last);
+        assert_eq!(shared.table().active_count(), 0);
+        shared.handle(
+            LinkEvent::SubscribeDone {
+                pkid: 4,
+                refused: None,
+            },
+            &mut last,
+        );
+        assert_eq!(shared.table().active_count(), 1);
+    }
+
+    #[test]
+    fn a_refused_subscription_is_answered_and_forgotten() {
+        let (shared, _eventloop) = shared("3.1.1");
+        let mut last = LastSubscribed::default();
+        let (tx, mut rx) = oneshot::channel();
+        let (added, _) =
+            shared
+                .table_mut()
+                .add(1, "secret/#", Qos::AtLeastOnce, Arc::new(Nothing), tx);
+        let crate::backends::mqtt::table::Added::New { id } = added else {
+            panic!("a new entry")
+        };
+        shared.link().expected.push_back(Expect::Subscribe {
+            filter: "secret/#".into(),
+            id,
+        });
+        shared.handle(LinkEvent::SubscribeSent(2), &mut last);
+        shared.handle(
+            LinkEvent::SubscribeDone {
+                pkid: 2,
+                refused: Some(BackendError::Rejected {
+                    code: "forbidden",
+                    message: "not authorized".into(),
+                }),
+            },
+            &mut last,
+        );
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(BackendError::Rejected {
+                code: "forbidden",
+                ..
+            }))
+        ));
+        assert_eq!(shared.table().entries().count(), 0);
+        assert!(last.0.is_none());
+    }
+}
