@@ -8,7 +8,7 @@
 //! everything not yet sent is thrown away (sessions are clean) and every waiter is answered with
 //! `backend_unavailable`; after the next CONNACK each wanted subscription is made again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub struct Link {
     parked: Option<(u16, PublishWaiter)>,
     /// SUBSCRIBEs sent and not yet acknowledged: packet id → (filter, entry id).
     subscribes: HashMap<u16, (String, u32)>,
+    /// Entries subscribed again after the last CONNACK whose SUBACK is outstanding; the link is
+    /// reported up when none is left.
+    restoring: HashSet<u32>,
 }
 
 impl Link {
@@ -64,6 +67,7 @@ impl Link {
             publishes: HashMap::new(),
             parked: None,
             subscribes: HashMap::new(),
+            restoring: HashSet::new(),
         }
     }
 }
@@ -173,7 +177,9 @@ pub async fn run(
 }
 
 impl Shared {
-    /// After CONNACK: marks the link up and makes every wanted subscription again.
+    /// After CONNACK: accepts requests again and makes every wanted subscription again. The
+    /// backend reports `Up` once the broker has answered all of them, so a client told the
+    /// backend is back receives messages again.
     fn connected(&self, granted: Granted, eventloop: &mut EventLoop) {
         let mut table = self.table_mut();
         let mut link = self.link();
@@ -189,10 +195,19 @@ impl Shared {
                 id: entry.id,
             });
             entry.state = EntryState::Subscribing(Vec::new());
+            link.restoring.insert(entry.id);
             count += 1;
         }
-        self.health.send_replace(Health::Up);
+        drop(link);
+        drop(table);
         tracing::info!(url = %self.url, resubscribing = count, "connected to the MQTT broker");
+        if count == 0 {
+            self.health.send_replace(Health::Up);
+        } else {
+            self.health.send_replace(Health::Down {
+                reason: format!("connected; making {count} subscriptions again"),
+            });
+        }
     }
 
     /// Fails everything in flight and marks every subscription as not held. Returns whether
@@ -232,6 +247,7 @@ impl Shared {
             let _ = waiter.send(Err(not_sent()));
         }
         link.subscribes.clear();
+        link.restoring.clear();
         for entry in table.entries_mut() {
             entry.forget_retained();
             if let EntryState::Subscribing(waiters) =
@@ -324,9 +340,30 @@ impl Shared {
     /// Handles a SUBACK; returns the entry the broker now holds, if it accepted.
     fn subscribed(&self, pkid: u16, refused: Option<BackendError>) -> Option<u32> {
         let mut table = self.table_mut();
-        let (filter, id) = self.link().subscribes.remove(&pkid)?;
+        let (filter, id, restored) = {
+            let mut link = self.link();
+            let (filter, id) = link.subscribes.remove(&pkid)?;
+            let restored = link.restoring.remove(&id) && link.restoring.is_empty();
+            (filter, id, restored)
+        };
+        let accepted = Self::settle(&mut table, &filter, id, refused);
+        drop(table);
+        if restored {
+            tracing::info!("every subscription is made again");
+            self.health.send_replace(Health::Up);
+        }
+        accepted
+    }
+
+    /// Answers the upstreams waiting for a subscription and records the broker's answer.
+    fn settle(
+        table: &mut Table,
+        filter: &str,
+        id: u32,
+        refused: Option<BackendError>,
+    ) -> Option<u32> {
         // None: unsubscribed while the SUBSCRIBE was in flight.
-        let entry = table.get_mut(&filter, id)?;
+        let entry = table.get_mut(filter, id)?;
         let waiters = match std::mem::replace(&mut entry.state, EntryState::Active) {
             EntryState::Subscribing(waiters) => waiters,
             _ => Vec::new(),
@@ -341,7 +378,7 @@ impl Shared {
             Some(error) => {
                 tracing::warn!(%filter, %error, "the MQTT broker refused a subscription");
                 let upstreams: Vec<_> = waiters.iter().map(|(upstream, _)| *upstream).collect();
-                table.refuse(&filter, &upstreams);
+                table.refuse(filter, &upstreams);
                 for (_, waiter) in waiters {
                     let _ = waiter.send(Err(error.clone()));
                 }
@@ -527,7 +564,10 @@ mod tests {
             },
             &mut eventloop,
         );
-        assert!(shared.health.borrow().is_up());
+        assert!(
+            !shared.health.borrow().is_up(),
+            "up once the subscription is made again"
+        );
         assert!(matches!(
             shared.link().expected.front(),
             Some(Expect::Subscribe { filter, .. }) if filter == "a/#"
@@ -542,6 +582,7 @@ mod tests {
             &mut last,
         );
         assert_eq!(shared.table().active_count(), 1);
+        assert!(shared.health.borrow().is_up());
     }
 
     #[test]
