@@ -668,3 +668,61 @@ async fn unsupported_requests_get_documented_errors() {
     assert_eq!(ws.publish("sensors/berlin/a", json!(1)).await["type"], "ok");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_iot_telemetry_example_runs_against_the_local_broker() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/iot-telemetry.toml"
+    ))
+    .expect("config/iot-telemetry.toml");
+    let gw = start(&example).await;
+    ready(&gw).await;
+    let addr = gw.local_addr();
+    // A site name of its own keeps this test's topics apart on the shared broker.
+    let site = unique("site");
+
+    // A device's retained status reaches a dashboard at once.
+    let status = format!("plant/{site}/status/pump-3");
+    mosquitto_pub(
+        SHARED_PORT,
+        &["-q", "1", "-r", "-t", &status, "-m", r#"{"state": "on"}"#],
+    )
+    .await;
+    let mut dashboard = Client::connect(addr).await;
+    dashboard.subscribe(&format!("status/{site}/+")).await;
+    let m = dashboard.next_message().await;
+    assert_eq!(m["channel"], format!("status/{site}/pump-3"));
+    assert_eq!(m["payload"], json!({"state": "on"}));
+    let reply = dashboard
+        .request(json!({"type": "unsubscribe", "channel": format!("status/{site}/+")}))
+        .await;
+    assert_eq!(reply["type"], "ok");
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &status]).await;
+
+    // Telemetry flows to the browser.
+    dashboard.subscribe(&format!("telemetry/{site}/#")).await;
+    let reading = format!("plant/{site}/telemetry/line1/temp");
+    mosquitto_pub(SHARED_PORT, &["-t", &reading, "-m", "21.5"]).await;
+    let m = dashboard.next_of("message").await;
+    assert_eq!(m["channel"], format!("telemetry/{site}/line1/temp"));
+    assert_eq!(m["payload"], 21.5);
+
+    // A command from the browser reaches the device's topic.
+    let mut device = MosquittoSub::start(SHARED_PORT, &format!("plant/{site}/commands/#")).await;
+    let ok = dashboard
+        .publish(&format!("commands/{site}/pump-3"), json!({"on": false}))
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let got = device.next().await;
+    assert_eq!(got.topic, format!("plant/{site}/commands/pump-3"));
+    assert_eq!(got.payload, br#"{"on":false}"#);
+    assert_eq!(got.content_type, "application/json");
+
+    // Telemetry is read-only for browsers.
+    let e = dashboard
+        .publish(&format!("telemetry/{site}/line1/temp"), json!(99))
+        .await;
+    assert_eq!(e["code"], "forbidden", "{e}");
+    gw.shutdown().await;
+}

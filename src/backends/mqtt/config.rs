@@ -204,21 +204,21 @@ pub fn parse_url(url: &str) -> Result<BrokerAddress, String> {
 }
 
 impl MqttConfig {
-    /// Parses and validates a `[backends.NAME]` table (without its `type`).
+    /// Parses and validates a `[backends.NAME]` table (without its `type`). A table that
+    /// deserializes is returned even when its values have problems (they are recorded, so the
+    /// config is refused anyway), so that the routes naming it are still checked against it.
     pub fn parse(
         table: toml::Value,
         path: &str,
         problems: &mut Vec<ConfigProblem>,
     ) -> Option<Box<MqttConfig>> {
-        deserialize_section::<MqttConfig>(table, path, problems)
-            .and_then(|c| c.validate(path, problems))
-            .map(Box::new)
+        let config = deserialize_section::<MqttConfig>(table, path, problems)?;
+        config.validate(path, problems);
+        Some(Box::new(config))
     }
 
-    /// Checks what deserialization cannot, recording problems under `path`; returns the config
-    /// when it is usable.
-    pub fn validate(self, path: &str, problems: &mut Vec<ConfigProblem>) -> Option<Self> {
-        let before = problems.len();
+    /// Checks what deserialization cannot, recording problems under `path`.
+    pub fn validate(&self, path: &str, problems: &mut Vec<ConfigProblem>) {
         let mut problem = |key: &str, message: String| {
             problems.push(ConfigProblem::new(format!("{path}.{key}"), message));
         };
@@ -333,8 +333,6 @@ impl MqttConfig {
         {
             problem("key_file", e);
         }
-
-        (problems.len() == before).then_some(self)
     }
 
     /// The broker address; only valid on a validated config.
@@ -554,6 +552,16 @@ mod tests {
         assert!(
             !p.iter().any(|l| l.contains("secret")),
             "the password never appears in messages: {p:#?}"
+        );
+
+        // A backend with bad values still has its routes checked, not called unknown.
+        let p = problems("url = \"mqtt://x\"\nkeep_alive = \"1s\"", "qos = 3");
+        assert_eq!(
+            p,
+            vec![
+                "backends.plant.keep_alive: 1s must be between 5s and 65535s",
+                "routes[0].qos: must be 0, 1 or 2 (got 3)"
+            ]
         );
     }
 
