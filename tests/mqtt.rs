@@ -726,3 +726,37 @@ async fn the_iot_telemetry_example_runs_against_the_local_broker() {
     assert_eq!(e["code"], "forbidden", "{e}");
     gw.shutdown().await;
 }
+
+/// Messages above `max_packet_size` are not delivered, and do not cost the connection.
+async fn large_messages_are_skipped(protocol: &str) {
+    let prefix = unique("wsbt");
+    let backend = format!("max_packet_size = 4096\nprotocol = \"{protocol}\"");
+    let gw = gateway(&shared_url(), &prefix, &backend).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+
+    // MQTT 5 tells the broker the limit; with 3.1.1 the gateway skips what arrives.
+    let topic = format!("{prefix}/plant/berlin/blob");
+    let big = "y".repeat(8000);
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", &big]).await;
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", "small"]).await;
+    // The very next frame: had the connection dropped, a backend_down status would come first.
+    let frame = ws.recv().await;
+    assert_eq!(
+        (frame["type"].as_str(), &frame["payload"]),
+        (Some("message"), &json!("small")),
+        "{frame}"
+    );
+    ws.assert_no_message().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_above_max_packet_size_are_skipped_with_mqtt_5() {
+    large_messages_are_skipped("5").await;
+}
+
+#[tokio::test]
+async fn messages_above_max_packet_size_are_skipped_with_mqtt_3_1_1() {
+    large_messages_are_skipped("3.1.1").await;
+}

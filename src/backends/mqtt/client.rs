@@ -126,11 +126,16 @@ pub fn build(config: &MqttConfig, client_id: String) -> Result<(Client, EventLoo
         }
         ProtocolVersion::V311 => {
             let mut options = rumqttc::MqttOptions::new(client_id, address.host, address.port);
-            let size = config.max_packet_size as usize;
+            // A 3.1.1 broker cannot be told the limit; rumqttc would drop the connection on a
+            // larger message (and a retained one would do it on every reconnect), so incoming
+            // packets may have any size MQTT allows and the driver skips the large ones.
             options
                 .set_keep_alive(config.keep_alive)
                 .set_clean_session(true)
-                .set_max_packet_size(size, size)
+                .set_max_packet_size(
+                    super::config::MQTT_MAX_PACKET_SIZE as usize,
+                    config.max_packet_size as usize,
+                )
                 .set_request_channel_capacity(REQUEST_QUEUE)
                 .set_transport(transport);
             if let Some((user, password)) = credentials {

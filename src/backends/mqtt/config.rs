@@ -89,8 +89,9 @@ pub struct MqttConfig {
     /// connection to come back before failing with `backend_unavailable`. `0s` fails at once.
     #[serde(default, with = "humantime_serde")]
     pub unavailable_wait: Duration,
-    /// Largest MQTT packet sent or accepted, in bytes. With MQTT 5 the broker is told and does not
-    /// send larger messages; a larger client publish fails with `message_too_large`.
+    /// Largest MQTT message sent or delivered, in bytes. A larger client publish fails with
+    /// `message_too_large`; a larger broker message is not delivered (MQTT 5 tells the broker,
+    /// which then does not send it; with 3.1.1 the gateway skips it on arrival).
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: u32,
     /// PEM file with the CA certificates that sign the broker's certificate (`mqtts://` only;

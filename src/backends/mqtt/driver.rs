@@ -74,6 +74,8 @@ impl Link {
 
 /// State shared by the backend (callers) and the driver task. Lock order: `table`, then `link`.
 pub struct Shared {
+    /// Largest message accepted from the broker (`max_packet_size`).
+    pub max_packet_size: usize,
     /// The broker URL, for messages.
     pub url: String,
     pub protocol: ProtocolVersion,
@@ -84,11 +86,17 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(url: String, protocol: ProtocolVersion, client: Client) -> Self {
+    pub fn new(
+        url: String,
+        protocol: ProtocolVersion,
+        max_packet_size: u32,
+        client: Client,
+    ) -> Self {
         let health = watch::Sender::new(Health::Down {
             reason: format!("connecting to {url}"),
         });
         Shared {
+            max_packet_size: max_packet_size as usize,
             url,
             protocol,
             client,
@@ -396,6 +404,11 @@ impl Shared {
             retain,
             subscription_ids,
         } = incoming;
+        if message.topic.len() + message.payload.len() > self.max_packet_size {
+            // Only a broker that cannot be told the limit (MQTT 3.1.1) sends these.
+            tracing::debug!(topic = %message.topic, size = message.payload.len(), "skipping an MQTT message above max_packet_size");
+            return;
+        }
         let mut delivered = false;
         if !subscription_ids.is_empty() {
             for id in subscription_ids {
@@ -461,7 +474,12 @@ mod tests {
         ))
         .unwrap();
         let (client, eventloop) = client::build(&config, "test".into()).unwrap();
-        let shared = Shared::new("mqtt://127.0.0.1:1".into(), config.protocol, client);
+        let shared = Shared::new(
+            "mqtt://127.0.0.1:1".into(),
+            config.protocol,
+            config.max_packet_size,
+            client,
+        );
         shared.link().connected = true;
         (shared, eventloop)
     }

@@ -96,6 +96,7 @@ impl MqttBackend {
         let shared = Arc::new(Shared::new(
             address.to_string(),
             config.protocol,
+            config.max_packet_size,
             mqtt_client,
         ));
         let stop = CancellationToken::new();
