@@ -10,7 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{Client, eventually, http_get, start, unique};
 use mqtt_support::{
-    MosquittoSub, PrivateBroker, SHARED_PORT, mosquitto_pub, mosquitto_pub_lines, ready,
+    MosquittoSub, PrivateBroker, SHARED_PORT, TestPki, mosquitto_pub, mosquitto_pub_lines, ready,
     sys_values_until,
 };
 use serde_json::{Value, json};
@@ -759,4 +759,59 @@ async fn messages_above_max_packet_size_are_skipped_with_mqtt_5() {
 #[tokio::test]
 async fn messages_above_max_packet_size_are_skipped_with_mqtt_3_1_1() {
     large_messages_are_skipped("3.1.1").await;
+}
+
+#[tokio::test]
+async fn mqtts_with_a_private_ca_and_a_client_certificate() {
+    let pki = TestPki::generate().await;
+    let mut broker = PrivateBroker::configure(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
+        pki.path("ca.pem"),
+        pki.path("server.pem"),
+        pki.path("server.key")
+    ));
+    let tls_args = [
+        "--cafile".to_string(),
+        pki.path("ca.pem"),
+        "--cert".to_string(),
+        pki.path("client.pem"),
+        "--key".to_string(),
+        pki.path("client.key"),
+    ];
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    broker.client_args(&tls_args);
+    broker.run().await;
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let tls = |ca: &str| {
+        format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            pki.path(ca),
+            pki.path("client.pem"),
+            pki.path("client.key")
+        )
+    };
+
+    let gw = gateway(&url, "tls", &tls("ca.pem")).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+    let mut args = vec!["-q", "1", "-t", "tls/plant/berlin/temp", "-m", "21"];
+    args.extend(&tls_args);
+    mosquitto_pub(broker.port, &args).await;
+    assert_eq!(ws.next_message().await["payload"], 21);
+    assert_eq!(
+        ws.publish("sensors/berlin/temp", json!(22)).await["type"],
+        "ok"
+    );
+    assert_eq!(ws.next_message().await["payload"], 22);
+    gw.shutdown().await;
+
+    // A broker certificate from another CA is refused, and the backend says why.
+    let gw = start(&config(&url, "tls", &tls("other-ca.pem"), "")).await;
+    eventually("the backend reports the certificate problem", async || {
+        let health = gw.hub().backend_health();
+        matches!(&health[0].1, wsbridge::backends::Health::Down { reason } if reason.contains("certificate"))
+    })
+    .await;
+    assert_eq!(readyz(&gw).await.0, 503);
+    gw.shutdown().await;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mosquitto for the MQTT backend's tests: the broker on 127.0.0.1:1883 and the mosquitto_pub /
 # mosquitto_sub clients the tests use as independent MQTT clients. The tests also start private
-# brokers from the `mosquitto` binary. Idempotent: does nothing when everything is in place.
+# brokers from the `mosquitto` binary and make TLS certificates with `openssl`. Idempotent: does
+# nothing when everything is in place.
 set -euo pipefail
 
 HOST=127.0.0.1
@@ -18,10 +19,11 @@ mosquitto_bin() {
 }
 
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null \
-  || [ -z "$(mosquitto_bin)" ]; then
-  echo "installing mosquitto and mosquitto-clients"
+  || [ -z "$(mosquitto_bin)" ] || ! command -v openssl >/dev/null; then
+  echo "installing mosquitto, mosquitto-clients and openssl"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq mosquitto mosquitto-clients openssl
 fi
 
 broker_answers() {

@@ -29,6 +29,8 @@ pub struct PrivateBroker {
     pub port: u16,
     dir: tempdir::TempDir,
     child: Option<Child>,
+    /// Extra `mosquitto_pub` arguments needed to reach it (TLS files).
+    client_args: Vec<String>,
 }
 
 /// A directory removed on drop (std has none, and one small type beats a dependency).
@@ -86,7 +88,13 @@ impl PrivateBroker {
             port,
             dir,
             child: None,
+            client_args: Vec::new(),
         }
+    }
+
+    /// Sets the `mosquitto_pub` arguments its readiness probe needs (e.g. TLS files).
+    pub fn client_args(&mut self, args: &[&str]) {
+        self.client_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     pub fn url(&self) -> String {
@@ -118,7 +126,7 @@ impl PrivateBroker {
             self.child = Some(child);
             let deadline = tokio::time::Instant::now() + WAIT;
             while tokio::time::Instant::now() < deadline {
-                if answers(port).await {
+                if answers(port, &self.client_args).await {
                     return;
                 }
                 let exited = self
@@ -193,9 +201,10 @@ async fn signal(pid: u32, name: &str) {
 }
 
 /// Whether a broker answers an MQTT publish on `port`.
-pub async fn answers(port: u16) -> bool {
+pub async fn answers(port: u16, client_args: &[String]) -> bool {
     Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(client_args)
         .args(["-q", "1", "-t", "wsbridge/test/probe", "-n"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -369,6 +378,94 @@ pub async fn sys_values_until(port: u16, topic: &str, expected: &str) -> Vec<Str
         }
     }
     panic!("{topic} never showed {expected}; saw {seen:?}");
+}
+
+/// A private CA with a server certificate for 127.0.0.1 and a client certificate, made with the
+/// `openssl` command line tool, plus an unrelated CA.
+pub struct TestPki {
+    dir: tempdir::TempDir,
+}
+
+impl TestPki {
+    pub async fn generate() -> TestPki {
+        let pki = TestPki {
+            dir: tempdir::TempDir::new("wsbridge-pki-"),
+        };
+        for ca in ["ca", "other-ca"] {
+            let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+            let subject = format!("/CN=wsbridge test {ca}");
+            pki.openssl(&[
+                "req", "-x509", "-days", "2", "-subj", &subject, "-keyout", &key, "-out", &pem,
+            ])
+            .await;
+        }
+        for (name, extension) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let ext = format!("{name}.ext");
+            std::fs::write(pki.path(&ext), extension).expect("write extension file");
+            let subject = format!("/CN=wsbridge test {name}");
+            pki.openssl(&["req", "-subj", &subject, "-keyout", &key, "-out", &csr])
+                .await;
+            pki.openssl(&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ])
+            .await;
+        }
+        pki
+    }
+
+    async fn openssl(&self, args: &[&str]) {
+        let mut command = Command::new("openssl");
+        command.current_dir(self.dir.path()).args(args);
+        if args[0] == "req" {
+            // New P-256 keys, unencrypted: quick to make, and what a broker setup would use.
+            command.args([
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ]);
+        }
+        let output = command
+            .output()
+            .await
+            .expect("openssl runs (scripts/setup/20-mosquitto.sh installs it)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The path of one of its files: ca.pem, other-ca.pem, server.pem/.key, client.pem/.key.
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
 }
 
 /// Waits until the gateway reports every backend connected.
