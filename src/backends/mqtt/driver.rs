@@ -608,11 +608,10 @@ mod tests {
         let (shared, _eventloop) = shared("3.1.1");
         let mut last = LastSubscribed::default();
         let (tx, mut rx) = oneshot::channel();
-        let (added, _) =
-            shared
-                .table_mut()
-                .add(1, "secret/#", Qos::AtLeastOnce, Arc::new(Nothing), tx);
-        let crate::backends::mqtt::table::Added::New { id } = added else {
+        let added = shared
+            .table_mut()
+            .add(1, "secret/#", Qos::AtLeastOnce, Arc::new(Nothing), tx);
+        let crate::backends::mqtt::table::Added::New { id, .. } = added else {
             panic!("a new entry")
         };
         shared.link().expected.push_back(Expect::Subscribe {

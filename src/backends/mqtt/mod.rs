@@ -173,7 +173,7 @@ impl Backend for MqttBackend {
             let filter = subscription.filter.as_str();
             let sink = subscription.sink.clone();
             match table.add(subscription.id, filter, qos, subscription.sink, tx) {
-                (Added::Active, _) => {
+                Added::Active => {
                     // Shares a subscription another route made: no retained messages come from
                     // the broker for it, so hand over the ones kept.
                     if let Some(entry) = table.entry_of(subscription.id) {
@@ -181,14 +181,10 @@ impl Backend for MqttBackend {
                     }
                     return Ok(());
                 }
-                (Added::Waiting, _) => {}
-                (Added::New { id }, _) => {
+                Added::Waiting => {}
+                Added::New { id, qos } => {
                     let ids = link.use_ids.then_some(id);
-                    let entry_qos = table
-                        .entries()
-                        .find(|e| e.filter == filter)
-                        .map_or(qos, |e| e.qos);
-                    if self.client().try_subscribe(filter, entry_qos, ids).is_err() {
+                    if self.client().try_subscribe(filter, qos, ids).is_err() {
                         if table.remove(subscription.id).is_none()
                             && let Some(entry) = table.get_mut(filter, id)
                         {
@@ -334,20 +330,15 @@ impl Backend for MqttBackend {
             link.connected
         };
         let driver = self.driver.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if connected && self.client().try_disconnect().is_ok() {
-            if let Some(driver) = driver {
-                let mut driver = driver;
-                if tokio::time::timeout(CLOSE_WAIT, &mut driver).await.is_err() {
-                    self.stop.cancel();
-                    let _ = driver.await;
-                }
-            }
-        } else {
+        let Some(mut driver) = driver else {
+            return;
+        };
+        // Say goodbye to the broker (the driver stops once the DISCONNECT is out); without a
+        // connection, or if that takes too long, just stop.
+        let goodbye = connected && self.client().try_disconnect().is_ok();
+        if !goodbye || tokio::time::timeout(CLOSE_WAIT, &mut driver).await.is_err() {
             self.stop.cancel();
-            if let Some(driver) = driver {
-                let _ = driver.await;
-            }
+            let _ = driver.await;
         }
-        self.stop.cancel();
     }
 }

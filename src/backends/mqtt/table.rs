@@ -87,8 +87,8 @@ pub struct Table {
 
 /// What [`Table::add`] did.
 pub enum Added {
-    /// A new entry: the caller must queue its SUBSCRIBE.
-    New { id: u32 },
+    /// A new entry (or one the broker does not hold): the caller must queue its SUBSCRIBE.
+    New { id: u32, qos: Qos },
     /// Joined an entry the broker already holds.
     Active,
     /// Joined an entry whose SUBACK is still outstanding; the waiter was queued with it.
@@ -96,6 +96,7 @@ pub enum Added {
 }
 
 impl Table {
+    #[cfg(test)]
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.entries.values()
     }
@@ -113,7 +114,7 @@ impl Table {
     }
 
     /// Adds an upstream's sink under `filter`, creating the entry if needed. `waiter` is resolved
-    /// with the SUBACK outcome unless the broker already holds the filter.
+    /// with the SUBACK outcome unless the broker already holds the filter ([`Added::Active`]).
     pub fn add(
         &mut self,
         upstream: UpstreamId,
@@ -121,20 +122,23 @@ impl Table {
         qos: Qos,
         sink: Arc<dyn MessageSink>,
         waiter: SubscribeWaiter,
-    ) -> (Added, Option<SubscribeWaiter>) {
+    ) -> Added {
         self.by_upstream.insert(upstream, filter.to_owned());
         if let Some(entry) = self.entries.get_mut(filter) {
             entry.sinks.push((upstream, sink));
             return match &mut entry.state {
                 EntryState::Subscribing(waiters) => {
                     waiters.push((upstream, waiter));
-                    (Added::Waiting, None)
+                    Added::Waiting
                 }
-                EntryState::Active => (Added::Active, Some(waiter)),
+                EntryState::Active => Added::Active,
                 // The broker does not hold it (refused after a reconnect): ask again.
                 EntryState::Idle | EntryState::Refused => {
                     entry.state = EntryState::Subscribing(vec![(upstream, waiter)]);
-                    (Added::New { id: entry.id }, None)
+                    Added::New {
+                        id: entry.id,
+                        qos: entry.qos,
+                    }
                 }
             };
         }
@@ -151,7 +155,7 @@ impl Table {
                 retained: Mutex::new(BTreeMap::new()),
             },
         );
-        (Added::New { id }, None)
+        Added::New { id, qos }
     }
 
     fn next_id(&mut self) -> u32 {
@@ -292,13 +296,13 @@ mod tests {
         let mut table = Table::default();
         let sink: Arc<dyn MessageSink> = Arc::new(Nothing);
         let (tx, _rx) = oneshot::channel();
-        let (added, _) = table.add(1, "a/#", Qos::AtLeastOnce, sink.clone(), tx);
-        let Added::New { id } = added else {
+        let added = table.add(1, "a/#", Qos::AtLeastOnce, sink.clone(), tx);
+        let Added::New { id, .. } = added else {
             panic!("first add creates the entry")
         };
         let (tx, _rx) = oneshot::channel();
         assert!(matches!(
-            table.add(2, "a/#", Qos::AtLeastOnce, sink.clone(), tx).0,
+            table.add(2, "a/#", Qos::AtLeastOnce, sink.clone(), tx),
             Added::Waiting
         ));
         assert_eq!(table.entries().count(), 1);
@@ -311,7 +315,7 @@ mod tests {
         assert!(table.by_id(id as usize).is_none());
 
         let (tx, _rx) = oneshot::channel();
-        let Added::New { id: next } = table.add(3, "a/#", Qos::AtLeastOnce, sink, tx).0 else {
+        let Added::New { id: next, .. } = table.add(3, "a/#", Qos::AtLeastOnce, sink, tx) else {
             panic!("a new entry after the old one is gone")
         };
         assert_ne!(next, id, "identifiers are never reused while in use");
