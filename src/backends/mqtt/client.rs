@@ -136,7 +136,6 @@ pub fn build(config: &MqttConfig, client_id: String) -> Result<(Client, EventLoo
                     super::config::MQTT_MAX_PACKET_SIZE as usize,
                     config.max_packet_size as usize,
                 )
-                .set_request_channel_capacity(REQUEST_QUEUE)
                 .set_transport(transport);
             if let Some((user, password)) = credentials {
                 options.set_credentials(user, password);
