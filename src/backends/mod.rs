@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod kafka;
 pub mod memory;
+pub mod mqtt;
 
 use std::fmt;
 use std::sync::Arc;
@@ -177,6 +178,14 @@ pub trait Backend: Send + Sync {
     /// Stops an upstream subscription; no message is delivered to its sink afterwards.
     async fn unsubscribe(&self, id: UpstreamId) -> Result<(), BackendError>;
 
+    /// Another client joined upstream `id`, which the core already shares. A backend whose
+    /// broker keeps last values (MQTT retained messages) delivers them to `sink`, which reaches
+    /// only that client, as the broker would on a subscription of the client's own. Must not
+    /// block. By default nothing happens.
+    fn joined(&self, id: UpstreamId, sink: Arc<dyn MessageSink>) {
+        let _ = (id, sink);
+    }
+
     /// Publishes one message; resolves when the broker has accepted it (as far as the backend's
     /// delivery settings promise).
     async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError>;
@@ -203,6 +212,7 @@ pub struct BuildContext<'a> {
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Memory(memory::MemoryConfig),
+    Mqtt(Box<mqtt::MqttConfig>),
     Amqp(amqp::AmqpConfig),
     Kafka(kafka::KafkaConfig),
 }
@@ -242,6 +252,7 @@ impl BackendConfig {
         let section = crate::config::deserialize_section;
         match kind.as_str() {
             "memory" => section(table, path, problems).map(BackendConfig::Memory),
+            "mqtt" => mqtt::MqttConfig::parse(table, path, problems).map(BackendConfig::Mqtt),
             "amqp" => {
                 amqp::AmqpConfig::from_section(table, path, problems).map(BackendConfig::Amqp)
             }
@@ -264,11 +275,12 @@ impl BackendConfig {
     }
 
     /// Every `type` value, for error messages.
-    pub const TYPES: &'static [&'static str] = &["memory", "amqp", "kafka"];
+    pub const TYPES: &'static [&'static str] = &["memory", "mqtt", "amqp", "kafka"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             BackendConfig::Memory(_) => "memory",
+            BackendConfig::Mqtt(_) => "mqtt",
             BackendConfig::Amqp(_) => "amqp",
             BackendConfig::Kafka(_) => "kafka",
         }
@@ -278,6 +290,7 @@ impl BackendConfig {
     pub fn topic_syntax(&self) -> TopicSyntax {
         match self {
             BackendConfig::Memory(_) => TopicSyntax::SLASH,
+            BackendConfig::Mqtt(_) => mqtt::MQTT_TOPIC,
             BackendConfig::Amqp(_) => amqp::ROUTING_KEY,
             BackendConfig::Kafka(_) => kafka::KAFKA_TOPIC,
         }
@@ -287,6 +300,7 @@ impl BackendConfig {
     pub fn supports_keys(&self) -> bool {
         match self {
             BackendConfig::Memory(_) => false,
+            BackendConfig::Mqtt(_) => false,
             BackendConfig::Amqp(_) => false,
             BackendConfig::Kafka(_) => true,
         }
@@ -303,6 +317,9 @@ impl BackendConfig {
                     ));
                 }
             }
+            BackendConfig::Mqtt(c) => {
+                mqtt::RouteOptions::parse(route, c.protocol, path, problems);
+            }
             BackendConfig::Amqp(c) => c.check_route(route, path, problems),
             BackendConfig::Kafka(_) => kafka::check_route(route, path, problems),
         }
@@ -313,6 +330,7 @@ impl BackendConfig {
     pub async fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
         match self {
             BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
+            BackendConfig::Mqtt(c) => Ok(Arc::new(mqtt::MqttBackend::start(c, cx)?)),
             BackendConfig::Amqp(c) => Ok(Arc::new(amqp::AmqpBackend::new(c, cx)?)),
             BackendConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaBackend::new(c, cx)?)),
         }

@@ -189,9 +189,11 @@ impl Hub {
             private,
         };
         let session = member.session;
-        let upstream = {
+        let (upstream, shared) = {
             let mut table = self.table();
+            let mut shared = true;
             let upstream = table.entry(key.clone()).or_insert_with(|| {
+                shared = false;
                 Arc::new(Upstream {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     key,
@@ -201,8 +203,14 @@ impl Hub {
                 })
             });
             upstream.fanout.add(&route, &pattern, member);
-            upstream.clone()
+            (upstream.clone(), shared)
         };
+        if shared {
+            // The broker sends nothing new for a client joining an existing upstream; the
+            // backend may hand it what the broker would have (e.g. MQTT retained messages).
+            let sink = upstream.fanout.member_sink(&route, &pattern, session);
+            slot.backend.joined(upstream.id, sink);
+        }
         let handle = SubscriptionHandle {
             upstream,
             route,

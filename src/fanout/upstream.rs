@@ -127,68 +127,95 @@ impl Fanout {
     }
 }
 
+impl Fanout {
+    /// Delivers to one group, or to one session in it; returns whether the topic maps to the
+    /// group's route.
+    fn deliver_group(&self, group: &Group, message: &BrokerMessage, only: Option<u64>) -> bool {
+        let Some(channel) = group
+            .route
+            .channel_for(&message.topic, message.key.as_deref())
+        else {
+            return false;
+        };
+        if !group.pattern.matches(&channel) {
+            return true;
+        }
+        let delivery = Delivery {
+            channel: &channel,
+            subscription: group.pattern.as_str(),
+            message,
+        };
+        // The client-side view (a Protobuf decode, for example) is computed at most once per
+        // group and only when a member's protocol needs it; frames once per protocol.
+        let mut view: Option<Result<PayloadView, DecodeError>> = None;
+        let mut encoded: [Option<Message>; Protocol::COUNT] = Default::default();
+        for member in &group.members {
+            if only.is_some_and(|session| session != member.session) {
+                continue;
+            }
+            let slot = &mut encoded[member.protocol.index()];
+            if slot.is_none() {
+                let payload_view = if member.protocol.needs_payload_view() {
+                    let view =
+                        view.get_or_insert_with(|| group.route.format.to_client(&message.payload));
+                    match view {
+                        Ok(v) => Some(&*v),
+                        Err(e) => {
+                            member.outbox.push_reply(decode_error_status(
+                                &channel,
+                                group.pattern.as_str(),
+                                e,
+                            ));
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                *slot = Some(member.protocol.encode_delivery(&delivery, payload_view));
+            }
+            let Some(frame) = slot.clone() else { continue };
+            match member.outbox.push_message(frame, group.route.slow_consumer) {
+                Pushed::Queued => self.metrics.deliveries.inc(),
+                Pushed::DroppedOldest => {
+                    self.metrics.deliveries.inc();
+                    self.metrics.dropped.inc();
+                }
+                Pushed::Disconnected => self.global.slow_consumer_disconnects.inc(),
+                Pushed::Closed => {}
+            }
+        }
+        if let Some(Err(e)) = &view {
+            self.metrics.decode_errors.inc();
+            tracing::debug!(topic = %message.topic, error = %e, "undecodable broker message skipped");
+        }
+        true
+    }
+
+    /// A sink reaching only `session`'s membership under (route, pattern), for messages meant
+    /// for a client that joined late (see [`crate::backends::Backend::joined`]).
+    pub fn member_sink(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        pattern: &ChannelPattern,
+        session: u64,
+    ) -> Arc<dyn MessageSink> {
+        Arc::new(MemberSink {
+            fanout: self.clone(),
+            route: route.clone(),
+            pattern: pattern.clone(),
+            session,
+        })
+    }
+}
+
 impl MessageSink for Fanout {
     fn deliver(&self, message: BrokerMessage) {
         self.metrics.broker_messages.inc();
         let groups = self.read();
         let mut mapped = false;
         for group in groups.iter() {
-            let Some(channel) = group
-                .route
-                .channel_for(&message.topic, message.key.as_deref())
-            else {
-                continue;
-            };
-            mapped = true;
-            if !group.pattern.matches(&channel) {
-                continue;
-            }
-            let delivery = Delivery {
-                channel: &channel,
-                subscription: group.pattern.as_str(),
-                message: &message,
-            };
-            // The client-side view (a Protobuf decode, for example) is computed at most once per
-            // group and only when a member's protocol needs it; frames once per protocol.
-            let mut view: Option<Result<PayloadView, DecodeError>> = None;
-            let mut encoded: [Option<Message>; Protocol::COUNT] = Default::default();
-            for member in &group.members {
-                let slot = &mut encoded[member.protocol.index()];
-                if slot.is_none() {
-                    let payload_view = if member.protocol.needs_payload_view() {
-                        let view = view
-                            .get_or_insert_with(|| group.route.format.to_client(&message.payload));
-                        match view {
-                            Ok(v) => Some(&*v),
-                            Err(e) => {
-                                member.outbox.push_reply(decode_error_status(
-                                    &channel,
-                                    group.pattern.as_str(),
-                                    e,
-                                ));
-                                continue;
-                            }
-                        }
-                    } else {
-                        None
-                    };
-                    *slot = Some(member.protocol.encode_delivery(&delivery, payload_view));
-                }
-                let Some(frame) = slot.clone() else { continue };
-                match member.outbox.push_message(frame, group.route.slow_consumer) {
-                    Pushed::Queued => self.metrics.deliveries.inc(),
-                    Pushed::DroppedOldest => {
-                        self.metrics.deliveries.inc();
-                        self.metrics.dropped.inc();
-                    }
-                    Pushed::Disconnected => self.global.slow_consumer_disconnects.inc(),
-                    Pushed::Closed => {}
-                }
-            }
-            if let Some(Err(e)) = &view {
-                self.metrics.decode_errors.inc();
-                tracing::debug!(topic = %message.topic, error = %e, "undecodable broker message skipped");
-            }
+            mapped |= self.deliver_group(group, &message, None);
         }
         if !mapped && !groups.is_empty() {
             self.metrics.unmapped.inc();
@@ -217,4 +244,27 @@ impl MessageSink for Fanout {
         let mut seen = HashSet::new();
         self.notify(&status, &mut seen);
     }
+}
+
+/// One session's membership in a [`Fanout`].
+struct MemberSink {
+    fanout: Arc<Fanout>,
+    route: Arc<Route>,
+    pattern: ChannelPattern,
+    session: u64,
+}
+
+impl MessageSink for MemberSink {
+    fn deliver(&self, message: BrokerMessage) {
+        let groups = self.fanout.read();
+        if let Some(group) = groups
+            .iter()
+            .find(|g| Arc::ptr_eq(&g.route, &self.route) && g.pattern == self.pattern)
+        {
+            self.fanout
+                .deliver_group(group, &message, Some(self.session));
+        }
+    }
+
+    fn event(&self, _event: SubscriptionEvent) {}
 }

@@ -1,0 +1,822 @@
+//! The MQTT backend against a real Mosquitto, with `mosquitto_pub` / `mosquitto_sub` as the
+//! independent MQTT clients on the other side. Tests on the machine's broker (port 1883) use
+//! topics under a prefix unique to the test run; tests that stop, freeze or inspect a broker
+//! start their own.
+
+mod common;
+mod mqtt_support;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{Client, eventually, http_get, start, unique};
+use mqtt_support::{
+    MosquittoSub, PrivateBroker, SHARED_PORT, TestPki, mosquitto_pub, mosquitto_pub_lines, ready,
+    sys_values_until,
+};
+use serde_json::{Value, json};
+
+/// A gateway config with one MQTT backend; `{prefix}` keeps the test's topics apart.
+fn config(url: &str, prefix: &str, backend_extra: &str, server_extra: &str) -> String {
+    // MQTT 3.1.1 has no content type, and the config says so.
+    let content_type = if backend_extra.contains("\"3.1.1\"") {
+        ""
+    } else {
+        "content_type = \"application/json\""
+    };
+    format!(
+        r##"
+[server]
+{server_extra}
+
+# The tests publish fast from single connections; publish limits are tested elsewhere.
+[limits]
+publish_per_second = 0
+publish_bytes_per_second = 0
+
+[backends.plant]
+type = "mqtt"
+url = "{url}"
+reconnect_min_delay = "50ms"
+reconnect_max_delay = "200ms"
+{backend_extra}
+
+# Telemetry: MQTT topics under plant/SITE, browser channels under sensors/SITE.
+[[routes]]
+channel = "sensors/{{site}}/#"
+backend = "plant"
+topic = "{prefix}/plant/{{site}}/#"
+allow = ["subscribe", "publish"]
+qos = 1
+
+# Commands with QoS 2 and an MQTT 5 content type.
+[[routes]]
+channel = "commands/{{site}}/{{device}}"
+backend = "plant"
+topic = "{prefix}/cmd/{{site}}/{{device}}"
+allow = ["subscribe", "publish"]
+qos = 2
+{content_type}
+
+# Retained set points: the broker keeps the last one for new subscribers.
+[[routes]]
+channel = "setpoints/{{site}}"
+backend = "plant"
+topic = "{prefix}/setpoint/{{site}}"
+allow = ["subscribe", "publish"]
+retain = true
+"##
+    )
+}
+
+async fn gateway(url: &str, prefix: &str, backend_extra: &str) -> wsbridge::Gateway {
+    let gw = start(&config(url, prefix, backend_extra, "")).await;
+    ready(&gw).await;
+    gw
+}
+
+fn shared_url() -> String {
+    format!("mqtt://127.0.0.1:{SHARED_PORT}")
+}
+
+#[tokio::test]
+async fn mosquitto_pub_reaches_websocket_subscribers_on_mapped_channels() {
+    let prefix = unique("wsbt");
+    let gw = gateway(&shared_url(), &prefix, "").await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+
+    let topic = |rest: &str| format!("{prefix}/plant/berlin/{rest}");
+    mosquitto_pub(
+        SHARED_PORT,
+        &[
+            "-q",
+            "1",
+            "-t",
+            &topic("line1/temp"),
+            "-m",
+            r#"{"celsius": 21.5}"#,
+        ],
+    )
+    .await;
+    mosquitto_pub(
+        SHARED_PORT,
+        &[
+            "-q",
+            "1",
+            "-t",
+            &topic("line1/state"),
+            "-m",
+            "running, no faults",
+        ],
+    )
+    .await;
+    let binary = std::env::temp_dir().join(unique("wsbt-bin"));
+    std::fs::write(&binary, [0x00, 0xff, 0x10, 0x80]).unwrap();
+    mosquitto_pub(
+        SHARED_PORT,
+        &[
+            "-q",
+            "1",
+            "-t",
+            &topic("raw"),
+            "-f",
+            binary.to_str().unwrap(),
+        ],
+    )
+    .await;
+    std::fs::remove_file(&binary).ok();
+    mosquitto_pub(
+        SHARED_PORT,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            &topic("line2/temp"),
+            "-m",
+            "19",
+            "-D",
+            "publish",
+            "user-property",
+            "source",
+            "sensor-7",
+            "-D",
+            "publish",
+            "content-type",
+            "text/plain",
+        ],
+    )
+    .await;
+
+    let m = ws.next_message().await;
+    assert_eq!(m["channel"], "sensors/berlin/line1/temp");
+    assert_eq!(m["subscription"], "sensors/berlin/#");
+    assert_eq!(m["payload"], json!({"celsius": 21.5}));
+    assert!(m["timestamp"].is_i64(), "{m}");
+
+    let m = ws.next_message().await;
+    assert_eq!(m["channel"], "sensors/berlin/line1/state");
+    assert_eq!(m["payload"], "running, no faults");
+    assert!(m.get("encoding").is_none(), "{m}");
+
+    let m = ws.next_message().await;
+    assert_eq!(m["channel"], "sensors/berlin/raw");
+    assert_eq!(m["encoding"], "base64");
+    assert_eq!(
+        BASE64.decode(m["payload"].as_str().unwrap()).unwrap(),
+        [0x00, 0xff, 0x10, 0x80]
+    );
+
+    // MQTT 5 user properties arrive as headers; the content type is kept.
+    let m = ws.next_message().await;
+    assert_eq!(m["channel"], "sensors/berlin/line2/temp");
+    assert_eq!(m["payload"], 19);
+    assert_eq!(m["headers"], json!({"source": "sensor-7"}));
+    assert_eq!(m["content_type"], "text/plain");
+    ws.assert_no_message().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_publishes_reach_mosquitto_sub_byte_for_byte() {
+    let prefix = unique("wsbt");
+    let gw = gateway(&shared_url(), &prefix, "").await;
+    let mut sub = MosquittoSub::start(SHARED_PORT, &format!("{prefix}/#")).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+
+    let ok = ws
+        .publish("sensors/berlin/line1/temp", json!({"celsius": 21.5}))
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let got = sub.next().await;
+    assert_eq!(got.topic, format!("{prefix}/plant/berlin/line1/temp"));
+    assert_eq!(
+        got.payload, br#"{"celsius":21.5}"#,
+        "the JSON text exactly as the client sent it"
+    );
+    assert_eq!(got.qos, 1, "the route's QoS");
+    assert!(!got.retained);
+
+    ws.publish("sensors/berlin/display", json!("Hello, wörld"))
+        .await;
+    assert_eq!(sub.next().await.payload, "Hello, wörld".as_bytes());
+
+    let reply = ws
+        .request(json!({"type": "publish", "channel": "sensors/berlin/raw", "payload": "AP8QgA==", "encoding": "base64"}))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(sub.next().await.payload, [0x00, 0xff, 0x10, 0x80]);
+
+    // Headers become MQTT 5 user properties; the route sets the content type and QoS 2.
+    let reply = ws
+        .request(json!({"type": "publish", "channel": "commands/berlin/pump-3", "payload": {"on": true}, "headers": {"trace": "abc-123"}}))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let got = sub.next().await;
+    assert_eq!(got.topic, format!("{prefix}/cmd/berlin/pump-3"));
+    assert_eq!(got.payload, br#"{"on":true}"#);
+    assert_eq!(got.qos, 2);
+    assert_eq!(got.content_type, "application/json");
+    assert_eq!(got.user_properties, "trace:abc-123");
+    gw.shutdown().await;
+}
+
+/// `+` and `#` at the client map to MQTT wildcards, and overlapping subscriptions each get a
+/// message exactly once.
+async fn wildcards_and_overlapping_subscriptions(protocol: &str) {
+    let prefix = unique("wsbt");
+    let backend = format!("protocol = \"{protocol}\"");
+    let gw = gateway(&shared_url(), &prefix, &backend).await;
+    let addr = gw.local_addr();
+    let mut plus = Client::connect(addr).await;
+    let mut hash = Client::connect(addr).await;
+    let mut sites = Client::connect(addr).await;
+    plus.subscribe("sensors/berlin/+/temp").await;
+    hash.subscribe("sensors/berlin/#").await;
+    sites.subscribe("sensors/+/humidity").await;
+    assert_eq!(gw.hub().upstream_counts(), vec![("plant".to_string(), 3)]);
+
+    // berlin/a/temp matches both `+/temp` and `#`, and is published twice with the same payload:
+    // each subscription gets it twice, no more, no less.
+    let published = [
+        "berlin",
+        "berlin/a/temp",
+        "berlin/a/temp",
+        "berlin/a/b/temp",
+        "berlin/b/humidity",
+        "paris/humidity",
+    ];
+    for rest in published {
+        let topic = format!("{prefix}/plant/{rest}");
+        let payload = json!(rest).to_string();
+        mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", &payload]).await;
+    }
+    for expected in [
+        "sensors/berlin",
+        "sensors/berlin/a/temp",
+        "sensors/berlin/a/temp",
+        "sensors/berlin/a/b/temp",
+        "sensors/berlin/b/humidity",
+    ] {
+        assert_eq!(hash.next_message().await["channel"], expected);
+    }
+    for _ in 0..2 {
+        let m = plus.next_message().await;
+        assert_eq!(m["channel"], "sensors/berlin/a/temp");
+    }
+    // berlin/b/humidity is one level too deep for `sensors/+/humidity`.
+    let m = sites.next_message().await;
+    assert_eq!(m["channel"], "sensors/paris/humidity");
+    for client in [&mut plus, &mut hash, &mut sites] {
+        client.assert_no_message().await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn single_and_multi_level_wildcards_with_mqtt_5() {
+    wildcards_and_overlapping_subscriptions("5").await;
+}
+
+#[tokio::test]
+async fn single_and_multi_level_wildcards_with_mqtt_3_1_1() {
+    wildcards_and_overlapping_subscriptions("3.1.1").await;
+}
+
+#[tokio::test]
+async fn retained_messages_reach_a_new_subscriber_at_once() {
+    let prefix = unique("wsbt");
+    let gw = gateway(&shared_url(), &prefix, "").await;
+    let addr = gw.local_addr();
+    let setpoint = format!("{prefix}/setpoint/berlin");
+    mosquitto_pub(
+        SHARED_PORT,
+        &["-q", "1", "-r", "-t", &setpoint, "-m", r#"{"celsius": 20}"#],
+    )
+    .await;
+
+    let mut dashboard = Client::connect(addr).await;
+    dashboard.subscribe("setpoints/berlin").await;
+    let m = dashboard.next_message().await;
+    assert_eq!(m["payload"], json!({"celsius": 20}));
+
+    // A retain route makes a browser's publish the value the next dashboard starts with.
+    let mut operator = Client::connect(addr).await;
+    let ok = operator
+        .publish("setpoints/berlin", json!({"celsius": 22}))
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    assert_eq!(
+        dashboard.next_message().await["payload"],
+        json!({"celsius": 22})
+    );
+    // A dashboard opened later shares the first one's MQTT subscription, and still gets the
+    // current value at once.
+    let mut late = Client::connect(addr).await;
+    late.subscribe("setpoints/berlin").await;
+    assert_eq!(late.next_message().await["payload"], json!({"celsius": 22}));
+    assert_eq!(gw.hub().upstream_counts(), vec![("plant".to_string(), 1)]);
+    late.assert_no_message().await;
+    dashboard.assert_no_message().await;
+
+    // Leave nothing retained on the shared broker.
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &setpoint]).await;
+    gw.shutdown().await;
+}
+
+/// A retained message sent for a new subscription reaches that subscription's clients only,
+/// not the clients of an overlapping one that already had it.
+async fn retained_messages_go_to_the_new_subscription_only(protocol: &str) {
+    let prefix = unique("wsbt");
+    let backend = format!("protocol = \"{protocol}\"");
+    let gw = gateway(&shared_url(), &prefix, &backend).await;
+    let addr = gw.local_addr();
+    let state = format!("{prefix}/plant/berlin/state");
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-t", &state, "-m", "idle"]).await;
+
+    let mut all = Client::connect(addr).await;
+    all.subscribe("sensors/berlin/#").await;
+    assert_eq!(all.next_message().await["payload"], "idle");
+    let mut level = Client::connect(addr).await;
+    level.subscribe("sensors/berlin/+").await;
+    assert_eq!(level.next_message().await["payload"], "idle");
+    all.assert_no_message().await;
+
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &state, "-m", "busy"]).await;
+    for client in [&mut all, &mut level] {
+        assert_eq!(client.next_message().await["payload"], "busy");
+        client.assert_no_message().await;
+    }
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &state]).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn retained_messages_go_to_the_new_subscription_only_with_mqtt_5() {
+    retained_messages_go_to_the_new_subscription_only("5").await;
+}
+
+#[tokio::test]
+async fn retained_messages_go_to_the_new_subscription_only_with_mqtt_3_1_1() {
+    retained_messages_go_to_the_new_subscription_only("3.1.1").await;
+}
+
+#[tokio::test]
+async fn publish_is_acknowledged_only_after_the_broker_acknowledges_it() {
+    let broker = PrivateBroker::start("").await;
+    let prefix = unique("wsbt");
+    let gw = gateway(&broker.url(), &prefix, "").await;
+    let mut sub = MosquittoSub::start(broker.port, &format!("{prefix}/#")).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+
+    // A frozen broker keeps the connection open but acknowledges nothing.
+    broker.freeze(true).await;
+    ws.send(json!({"type": "publish", "id": "qos1", "channel": "sensors/berlin/a", "payload": 1}))
+        .await;
+    ws.send(
+        json!({"type": "publish", "id": "qos2", "channel": "commands/berlin/pump", "payload": 2}),
+    )
+    .await;
+    // Pings are answered by the gateway itself, after the publishes were read: while the
+    // broker is frozen only pongs come back, never an `ok`.
+    for n in 0..3 {
+        ws.send(json!({"type": "ping", "id": n})).await;
+        let frame = ws.recv().await;
+        assert_eq!(
+            frame["type"], "pong",
+            "nothing but pongs while the broker is frozen: {frame}"
+        );
+    }
+
+    broker.freeze(false).await;
+    let mut acked = [ws.recv().await, ws.recv().await];
+    acked.sort_by_key(|r| r["id"].as_str().map(str::to_owned));
+    assert_eq!(acked[0], json!({"type": "ok", "id": "qos1"}));
+    assert_eq!(acked[1], json!({"type": "ok", "id": "qos2"}));
+    let mut topics = [sub.next().await.topic, sub.next().await.topic];
+    topics.sort();
+    assert_eq!(
+        topics,
+        [
+            format!("{prefix}/cmd/berlin/pump"),
+            format!("{prefix}/plant/berlin/a")
+        ]
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publish_the_broker_never_acknowledges_gets_an_error_not_ok() {
+    let mut broker = PrivateBroker::start("").await;
+    let gw = gateway(&broker.url(), &unique("wsbt"), "").await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+
+    broker.freeze(true).await;
+    ws.send(json!({"type": "publish", "id": 1, "channel": "sensors/berlin/a", "payload": 1}))
+        .await;
+    assert_eq!(ws.request(json!({"type": "ping"})).await["type"], "pong");
+    broker.kill().await;
+    let reply = ws.reply_to(json!(1)).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "backend_unavailable", "{reply}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn broker_refusals_reach_the_client_as_errors() {
+    let prefix = unique("wsbt");
+    let acl = std::env::temp_dir().join(unique("wsbt-acl"));
+    std::fs::write(
+        &acl,
+        format!("topic readwrite {prefix}/plant/#\ntopic read {prefix}/cmd/#\n"),
+    )
+    .unwrap();
+    let broker = PrivateBroker::start(&format!("acl_file {}", acl.display())).await;
+    let gw = gateway(&broker.url(), &prefix, "max_packet_size = 4096").await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+
+    // The broker's ACL refuses it: PUBACK/PUBREC with "not authorized".
+    let reply = ws
+        .publish("commands/berlin/pump", json!({"on": true}))
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{reply}"
+    );
+
+    // Larger than the configured packet size: refused before it is sent.
+    let reply = ws
+        .publish("sensors/berlin/big", json!("x".repeat(8000)))
+        .await;
+    assert_eq!(reply["code"], "message_too_large", "{reply}");
+
+    // Neither failure harmed the connection.
+    assert_eq!(
+        ws.publish("sensors/berlin/small", json!(1)).await["type"],
+        "ok"
+    );
+    std::fs::remove_file(&acl).ok();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn twenty_sockets_on_one_channel_share_one_mqtt_subscription() {
+    let broker = PrivateBroker::start("").await;
+    let gw = gateway(&broker.url(), "fleet", "").await;
+    let addr = gw.local_addr();
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        let mut ws = Client::connect(addr).await;
+        ws.subscribe("sensors/berlin/#").await;
+        sockets.push(ws);
+    }
+    assert_eq!(gw.hub().upstream_counts(), vec![("plant".to_string(), 1)]);
+    assert_eq!(gw.hub().sessions_per_upstream(), vec![20]);
+    // The broker's own count: the gateway's one subscription plus the one reading the count.
+    let counts = sys_values_until(broker.port, "$SYS/broker/subscriptions/count", "2").await;
+    assert!(
+        counts
+            .iter()
+            .all(|c| c.parse::<u32>().is_ok_and(|n| n <= 2)),
+        "the broker never held more than the gateway's one subscription: {counts:?}"
+    );
+
+    let lines: String = (0..200)
+        .map(|seq| format!("{{\"seq\": {seq}}}\n"))
+        .collect();
+    mosquitto_pub_lines(
+        broker.port,
+        &["-q", "1", "-t", "fleet/plant/berlin/line1"],
+        &lines,
+    )
+    .await;
+    for ws in &mut sockets {
+        for seq in 0..200 {
+            let m = ws.next_message().await;
+            assert_eq!(
+                m["payload"]["seq"], seq,
+                "every socket gets every message in order"
+            );
+            assert_eq!(m["channel"], "sensors/berlin/line1");
+        }
+    }
+    drop(sockets);
+    eventually(
+        "the MQTT subscription is released with the last socket",
+        async || gw.hub().upstream_counts() == vec![("plant".to_string(), 0)],
+    )
+    .await;
+    gw.shutdown().await;
+}
+
+async fn readyz(gw: &wsbridge::Gateway) -> (u16, Value) {
+    let (status, body) = http_get(gw.local_addr(), "/readyz").await;
+    (status, serde_json::from_str(&body).expect("readyz is JSON"))
+}
+
+#[tokio::test]
+async fn subscriptions_survive_a_broker_restart_without_reconnecting() {
+    let mut broker = PrivateBroker::start("").await;
+    let gw = gateway(&broker.url(), "plantx", "").await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+    assert_eq!(readyz(&gw).await.0, 200);
+
+    mosquitto_pub(
+        broker.port,
+        &["-q", "1", "-t", "plantx/plant/berlin/temp", "-m", "1"],
+    )
+    .await;
+    assert_eq!(ws.next_message().await["payload"], 1);
+
+    broker.stop().await;
+    let status = ws.next_of("status").await;
+    assert_eq!(status["code"], "backend_down", "{status}");
+    assert_eq!(status["backend"], "plant");
+    assert_eq!(status["subscriptions"], json!(["sensors/berlin/#"]));
+    let (code, body) = readyz(&gw).await;
+    assert_eq!(
+        (code, &body["backends"]["plant"]),
+        (503, &json!("down")),
+        "{body}"
+    );
+    // Publishing while the broker is down fails at once, and says why.
+    let reply = ws.publish("sensors/berlin/temp", json!(2)).await;
+    assert_eq!(reply["code"], "backend_unavailable", "{reply}");
+
+    broker.run().await;
+    let status = ws.next_of("status").await;
+    assert_eq!(status["code"], "backend_up", "{status}");
+    assert_eq!(readyz(&gw).await.0, 200);
+    // `backend_up` comes once the subscription is made again: messages flow from then on.
+    assert_eq!(gw.hub().upstream_counts(), vec![("plant".to_string(), 1)]);
+
+    // The same socket, never reconnected, gets messages again: from MQTT and from the gateway.
+    mosquitto_pub(
+        broker.port,
+        &["-q", "1", "-t", "plantx/plant/berlin/temp", "-m", "3"],
+    )
+    .await;
+    assert_eq!(ws.next_message().await["payload"], 3);
+    assert_eq!(
+        ws.publish("sensors/berlin/temp", json!(4)).await["type"],
+        "ok"
+    );
+    assert_eq!(ws.next_message().await["payload"], 4);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_wait_for_the_broker_up_to_unavailable_wait() {
+    // The broker is not running when the gateway starts: the gateway starts anyway.
+    let mut broker = PrivateBroker::configure("");
+    let gw = start(&config(
+        &broker.url(),
+        "waity",
+        "unavailable_wait = \"20s\"",
+        "request_timeout = \"30s\"",
+    ))
+    .await;
+    let (code, body) = readyz(&gw).await;
+    assert_eq!((code, &body["ready"]), (503, &json!(false)), "{body}");
+
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.send(
+        json!({"type": "publish", "id": "pub", "channel": "sensors/berlin/x", "payload": "held"}),
+    )
+    .await;
+    ws.send(json!({"type": "subscribe", "id": "sub", "channel": "sensors/berlin/#"}))
+        .await;
+    eventually("the subscribe is waiting for the broker", async || {
+        gw.hub().sessions_per_upstream() == vec![1]
+    })
+    .await;
+
+    broker.run().await;
+    assert_eq!(ws.reply_to(json!("sub")).await["type"], "ok");
+    assert_eq!(ws.reply_to(json!("pub")).await["type"], "ok");
+    assert_eq!(readyz(&gw).await.0, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_stall_the_mqtt_connection() {
+    let prefix = unique("wsbt");
+    let gw = start(&config(&shared_url(), &prefix, "", "queue_capacity = 64")).await;
+    ready(&gw).await;
+    let addr = gw.local_addr();
+    let mut stalled = Client::connect(addr).await;
+    stalled.subscribe("sensors/berlin/#").await;
+    let mut healthy = Client::connect(addr).await;
+    healthy.subscribe("sensors/berlin/#").await;
+
+    // 2000 messages of 16 KiB (32 MB) through the broker: far more than the stalled client's
+    // queue and socket buffers hold.
+    let total = 2000;
+    let pad = "x".repeat(16 * 1024);
+    let reader = tokio::spawn(async move {
+        for seq in 0..total {
+            let m = healthy.next_message().await;
+            assert_eq!(
+                m["payload"]["seq"], seq,
+                "the healthy client gets every message in order"
+            );
+        }
+        healthy
+    });
+    let mut publisher = Client::connect(addr).await;
+    for seq in 0..total {
+        publisher
+            .send(json!({"type": "publish", "id": seq, "channel": "sensors/berlin/bulk", "payload": {"seq": seq, "pad": pad}}))
+            .await;
+        if seq % 32 == 31 {
+            assert_eq!(publisher.reply_to(json!(seq)).await["type"], "ok");
+        }
+    }
+    let mut healthy = reader.await.expect("the healthy client read everything");
+    healthy.assert_no_message().await;
+    assert!(gw.hub().is_ready(), "the MQTT connection never dropped");
+
+    let status = stalled.next_of("status").await;
+    assert_eq!(status["code"], "messages_dropped", "{status}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsupported_requests_get_documented_errors() {
+    let prefix = unique("wsbt");
+    let gw = gateway(&shared_url(), &prefix, "protocol = \"3.1.1\"").await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    let e = ws
+        .request(json!({"type": "subscribe", "channel": "sensors/berlin/#", "from": "earliest"}))
+        .await;
+    assert_eq!(e["code"], "unsupported", "{e}");
+    let e = ws
+        .request(json!({"type": "publish", "channel": "sensors/berlin/a", "payload": 1, "headers": {"a": "b"}}))
+        .await;
+    assert_eq!(e["code"], "unsupported", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("MQTT 3.1.1"), "{e}");
+    let e = ws
+        .request(
+            json!({"type": "publish", "channel": "sensors/berlin/a", "payload": 1, "partition": 0}),
+        )
+        .await;
+    assert_eq!(e["code"], "unsupported", "{e}");
+    let e = ws
+        .request(
+            json!({"type": "publish", "channel": "sensors/berlin/a", "payload": 1, "key": "k"}),
+        )
+        .await;
+    assert_eq!(e["code"], "unsupported", "{e}");
+    assert_eq!(ws.publish("sensors/berlin/a", json!(1)).await["type"], "ok");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_iot_telemetry_example_runs_against_the_local_broker() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/iot-telemetry.toml"
+    ))
+    .expect("config/iot-telemetry.toml");
+    let gw = start(&example).await;
+    ready(&gw).await;
+    let addr = gw.local_addr();
+    // A site name of its own keeps this test's topics apart on the shared broker.
+    let site = unique("site");
+
+    // A device's retained status reaches a dashboard at once.
+    let status = format!("plant/{site}/status/pump-3");
+    mosquitto_pub(
+        SHARED_PORT,
+        &["-q", "1", "-r", "-t", &status, "-m", r#"{"state": "on"}"#],
+    )
+    .await;
+    let mut dashboard = Client::connect(addr).await;
+    dashboard.subscribe(&format!("status/{site}/+")).await;
+    let m = dashboard.next_message().await;
+    assert_eq!(m["channel"], format!("status/{site}/pump-3"));
+    assert_eq!(m["payload"], json!({"state": "on"}));
+    let reply = dashboard
+        .request(json!({"type": "unsubscribe", "channel": format!("status/{site}/+")}))
+        .await;
+    assert_eq!(reply["type"], "ok");
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-n", "-t", &status]).await;
+
+    // Telemetry flows to the browser.
+    dashboard.subscribe(&format!("telemetry/{site}/#")).await;
+    let reading = format!("plant/{site}/telemetry/line1/temp");
+    mosquitto_pub(SHARED_PORT, &["-t", &reading, "-m", "21.5"]).await;
+    let m = dashboard.next_of("message").await;
+    assert_eq!(m["channel"], format!("telemetry/{site}/line1/temp"));
+    assert_eq!(m["payload"], 21.5);
+
+    // A command from the browser reaches the device's topic.
+    let mut device = MosquittoSub::start(SHARED_PORT, &format!("plant/{site}/commands/#")).await;
+    let ok = dashboard
+        .publish(&format!("commands/{site}/pump-3"), json!({"on": false}))
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let got = device.next().await;
+    assert_eq!(got.topic, format!("plant/{site}/commands/pump-3"));
+    assert_eq!(got.payload, br#"{"on":false}"#);
+    assert_eq!(got.content_type, "application/json");
+
+    // Telemetry is read-only for browsers.
+    let e = dashboard
+        .publish(&format!("telemetry/{site}/line1/temp"), json!(99))
+        .await;
+    assert_eq!(e["code"], "forbidden", "{e}");
+    gw.shutdown().await;
+}
+
+/// Messages above `max_packet_size` are not delivered, and do not cost the connection.
+async fn large_messages_are_skipped(protocol: &str) {
+    let prefix = unique("wsbt");
+    let backend = format!("max_packet_size = 4096\nprotocol = \"{protocol}\"");
+    let gw = gateway(&shared_url(), &prefix, &backend).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+
+    // MQTT 5 tells the broker the limit; with 3.1.1 the gateway skips what arrives.
+    let topic = format!("{prefix}/plant/berlin/blob");
+    let big = "y".repeat(8000);
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", &big]).await;
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", "small"]).await;
+    // The very next frame: had the connection dropped, a backend_down status would come first.
+    let frame = ws.recv().await;
+    assert_eq!(
+        (frame["type"].as_str(), &frame["payload"]),
+        (Some("message"), &json!("small")),
+        "{frame}"
+    );
+    ws.assert_no_message().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_above_max_packet_size_are_skipped_with_mqtt_5() {
+    large_messages_are_skipped("5").await;
+}
+
+#[tokio::test]
+async fn messages_above_max_packet_size_are_skipped_with_mqtt_3_1_1() {
+    large_messages_are_skipped("3.1.1").await;
+}
+
+#[tokio::test]
+async fn mqtts_with_a_private_ca_and_a_client_certificate() {
+    let pki = TestPki::generate().await;
+    let mut broker = PrivateBroker::configure(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
+        pki.path("ca.pem"),
+        pki.path("server.pem"),
+        pki.path("server.key")
+    ));
+    let tls_args = [
+        "--cafile".to_string(),
+        pki.path("ca.pem"),
+        "--cert".to_string(),
+        pki.path("client.pem"),
+        "--key".to_string(),
+        pki.path("client.key"),
+    ];
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    broker.client_args(&tls_args);
+    broker.run().await;
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let tls = |ca: &str| {
+        format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            pki.path(ca),
+            pki.path("client.pem"),
+            pki.path("client.key")
+        )
+    };
+
+    let gw = gateway(&url, "tls", &tls("ca.pem")).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+    let mut args = vec!["-q", "1", "-t", "tls/plant/berlin/temp", "-m", "21"];
+    args.extend(&tls_args);
+    mosquitto_pub(broker.port, &args).await;
+    assert_eq!(ws.next_message().await["payload"], 21);
+    assert_eq!(
+        ws.publish("sensors/berlin/temp", json!(22)).await["type"],
+        "ok"
+    );
+    assert_eq!(ws.next_message().await["payload"], 22);
+    gw.shutdown().await;
+
+    // A broker certificate from another CA is refused, and the backend says why.
+    let gw = start(&config(&url, "tls", &tls("other-ca.pem"), "")).await;
+    eventually("the backend reports the certificate problem", async || {
+        let health = gw.hub().backend_health();
+        matches!(&health[0].1, wsbridge::backends::Health::Down { reason } if reason.contains("certificate"))
+    })
+    .await;
+    assert_eq!(readyz(&gw).await.0, 503);
+    gw.shutdown().await;
+}
