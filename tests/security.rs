@@ -770,3 +770,80 @@ async fn wss_works_with_a_standard_client() {
     assert!(plain.is_err());
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn injection_is_refused_in_mqtt_and_amqp_syntax() {
+    let prefix = unique("inj");
+    let config = gateway_config("").replace(
+        "[backends.local]",
+        &format!(
+            r##"[backends.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+
+[backends.rabbit]
+type = "amqp"
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+
+[[routes]]
+channel = "orders/{{region}}/#"
+backend = "rabbit"
+exchange = "amq.topic"
+topic = "{prefix}.orders.{{region}}.#"
+allow = ["subscribe", "publish"]
+
+[[routes]]
+channel = "mine/#"
+backend = "plant"
+topic = "{prefix}/users/{{claims.sub}}/#"
+allow = ["subscribe", "publish"]
+
+[backends.local]"##
+        ),
+    );
+    let gw = start(&config).await;
+    let addr = gw.local_addr();
+    common::eventually("the brokers are connected", async || gw.hub().is_ready()).await;
+    let mut bystander = Bystander::new(addr).await;
+    let mut c = connect_as(addr, &claims("alice")).await;
+
+    // AMQP routing keys: '.', '*' and '#' inside a level would add levels or wildcards.
+    for channel in [
+        "orders/eu.west/x",
+        "orders/eu*/x",
+        "orders/eu/a.b",
+        "orders/eu/a*",
+    ] {
+        for kind in ["subscribe", "publish"] {
+            let e = c
+                .request(json!({"type": kind, "channel": channel, "payload": 1}))
+                .await;
+            assert_eq!(e["code"], "invalid_channel", "{kind} {channel}: {e}");
+            assert!(
+                e["message"].as_str().unwrap().contains("routing key"),
+                "{e}"
+            );
+        }
+    }
+    // The same route works with clean values.
+    c.subscribe("orders/eu/+").await;
+    assert_eq!(c.publish("orders/eu/7", json!("order")).await["type"], "ok");
+    assert_eq!(c.next_message().await["channel"], "orders/eu/7");
+
+    // MQTT topics: a subject claim with '/', '+' or '#' cannot widen the user's own topic.
+    for sub in ["bob/#", "+", "a/b"] {
+        let mut sneaky = connect_as(addr, &claims(sub)).await;
+        for kind in ["subscribe", "publish"] {
+            let e = sneaky
+                .request(json!({"type": kind, "channel": "mine/inbox", "payload": 1}))
+                .await;
+            assert_eq!(e["code"], "invalid_channel", "{sub} {kind}: {e}");
+        }
+    }
+    let mut alice = connect_as(addr, &claims("alice")).await;
+    alice.subscribe("mine/#").await;
+    assert_eq!(alice.publish("mine/inbox", json!("hi")).await["type"], "ok");
+    assert_eq!(alice.next_message().await["channel"], "mine/inbox");
+    bystander.still_receives().await;
+    gw.shutdown().await;
+}

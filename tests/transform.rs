@@ -1,7 +1,11 @@
 //! Payload transformation on the memory backend: Protobuf⇄JSON per route, JSON Schema checks and
 //! the binary client protocol, cross-checked with `protoc --encode/--decode`.
 
+#[path = "amqp_support/mod.rs"]
+mod amqp_support;
 mod common;
+#[path = "mqtt_support/mod.rs"]
+mod mqtt_support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -472,4 +476,140 @@ allow = ["subscribe"]
         "{problems:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Protobuf on a real broker: an MQTT route and an AMQP route, with raw (`binary`) routes onto the
+/// same broker topics so the bytes the broker carries can be checked.
+fn broker_config(prefix: &str) -> String {
+    let dir = schemas_dir();
+    format!(
+        r##"
+schemas = ["{dir}"]
+
+[backends.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{mqtt}"
+
+[backends.rabbit]
+type = "amqp"
+url = "{amqp}"
+
+[[routes]]
+channel = "mqtt/readings/{{dev}}"
+backend = "plant"
+topic = "{prefix}/pb/{{dev}}"
+format = "protobuf:iot.v1.Reading"
+allow = ["subscribe", "publish"]
+
+[[routes]]
+channel = "mqtt/raw/#"
+backend = "plant"
+topic = "{prefix}/#"
+format = "binary"
+allow = ["subscribe", "publish"]
+
+[[routes]]
+channel = "amqp/readings/{{dev}}"
+backend = "rabbit"
+exchange = "amq.topic"
+topic = "{prefix}.pb.{{dev}}"
+format = "protobuf:iot.v1.Reading"
+allow = ["subscribe", "publish"]
+
+[[routes]]
+channel = "amqp/raw/#"
+backend = "rabbit"
+exchange = "amq.topic"
+topic = "{prefix}.#"
+format = "binary"
+allow = ["subscribe", "publish"]
+"##,
+        mqtt = mqtt_support::SHARED_PORT,
+        amqp = amqp_support::URL,
+    )
+}
+
+async fn round_trip_through(
+    broker: &str,
+    device_publish: impl AsyncFnOnce(Client, String, Vec<u8>),
+) {
+    let prefix = unique("pbrt");
+    let gw = start(&broker_config(&prefix)).await;
+    common::eventually("both brokers are connected", async || gw.hub().is_ready()).await;
+    let addr = gw.local_addr();
+
+    // Browser -> broker: JSON in, protobuf bytes on the broker, decoded by protoc.
+    let mut raw = Client::connect(addr).await;
+    raw.subscribe(&format!("{broker}/raw/pb/d1")).await;
+    let mut web = Client::connect(addr).await;
+    let payload: Value = serde_json::from_str(FULL_READING).unwrap();
+    let ok = web.publish(&format!("{broker}/readings/d1"), payload).await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let m = raw.next_message().await;
+    let bytes = BASE64.decode(m["payload"].as_str().unwrap()).unwrap();
+    let text = String::from_utf8(protoc(&["--decode=iot.v1.Reading"], &bytes)).unwrap();
+    for expected in [
+        "device_id: \"d1\"",
+        "unit: UNIT_CELSIUS",
+        "sequence: 9007199254740993",
+        "key: \"room\"",
+        "battery_volts: 3.7",
+        "nanos: 250000000",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{broker}: missing {expected:?} in:\n{text}"
+        );
+    }
+
+    // Device -> browser: protoc-encoded bytes published on the broker arrive as proto3 JSON.
+    web.subscribe(&format!("{broker}/readings/d2")).await;
+    let device_text = r#"device_id: "d2" taken_at { seconds: 1795867200 } samples { sensor: "t" value: -3.5 unit: UNIT_CELSIUS } sequence: 12 labels { key: "k" value: "v" } battery_volts: 3.1"#;
+    let bytes = protoc(&["--encode=iot.v1.Reading"], device_text.as_bytes());
+    device_publish(raw, prefix, bytes).await;
+    let m = web.next_message().await;
+    assert_eq!(m["channel"], format!("{broker}/readings/d2"));
+    assert_eq!(
+        m["payload"],
+        json!({
+            "deviceId": "d2",
+            "takenAt": "2026-11-28T12:00:00Z",
+            "samples": [{"sensor": "t", "value": -3.5, "unit": "UNIT_CELSIUS"}],
+            "sequence": "12",
+            "labels": {"k": "v"},
+            "batteryVolts": 3.1
+        }),
+        "{broker}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn protobuf_round_trips_through_mosquitto() {
+    round_trip_through("mqtt", async |_raw, prefix, bytes| {
+        // An independent MQTT client publishes the device's bytes.
+        let file = std::env::temp_dir().join(unique("reading-"));
+        std::fs::write(&file, &bytes).unwrap();
+        let topic = format!("{prefix}/pb/d2");
+        let path = file.to_str().unwrap().to_owned();
+        mqtt_support::mosquitto_pub(
+            mqtt_support::SHARED_PORT,
+            &["-q", "1", "-t", &topic, "-f", &path],
+        )
+        .await;
+        let _ = std::fs::remove_file(&file);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn protobuf_round_trips_through_rabbitmq() {
+    round_trip_through("amqp", async |mut raw, _prefix, bytes| {
+        // The device's bytes enter RabbitMQ untouched through a `binary` route.
+        let ok = raw
+            .request(json!({"type": "publish", "channel": "amqp/raw/pb/d2", "payload": BASE64.encode(&bytes), "encoding": "base64"}))
+            .await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+    })
+    .await;
 }
