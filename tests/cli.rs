@@ -122,3 +122,33 @@ fn sigterm_closes_clients_with_1001_and_exits() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn every_example_configuration_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir.join("config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let out = wsbridge()
+            .arg("check-config")
+            .arg(&path)
+            .current_dir(dir)
+            .env(
+                "WSBRIDGE_JWT_SECRET",
+                "example-secret-for-the-check-0123456789",
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "checked {checked} examples");
+}
