@@ -127,7 +127,10 @@ fn sigterm_closes_clients_with_1001_and_exits() {
 fn every_example_configuration_is_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut checked = 0;
-    for entry in std::fs::read_dir(dir.join("config")).unwrap() {
+    let examples = std::fs::read_dir(dir.join("config"))
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("config/bench")).unwrap());
+    for entry in examples {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
@@ -150,5 +153,5 @@ fn every_example_configuration_is_valid() {
         );
         checked += 1;
     }
-    assert!(checked >= 6, "checked {checked} examples");
+    assert!(checked >= 11, "checked {checked} examples");
 }

@@ -44,6 +44,10 @@ struct Args {
     /// Bytes of padding in each payload.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
+    /// Most publishes awaiting acknowledgement at once; 0 = publish on schedule regardless.
+    /// With a high `--rate` this measures the acknowledged publish rate of one client.
+    #[arg(long, default_value_t = 0)]
+    max_inflight: u64,
     /// How long to wait for the last messages after publishing stops.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -59,8 +63,8 @@ struct Totals {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.subscribers == 0 || args.rate == 0 {
-        bail!("--subscribers and --rate must be greater than zero");
+    if args.rate == 0 {
+        bail!("--rate must be greater than zero");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -81,6 +85,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.limits = wsbridge::server::limits::LimitsConfig::unlimited();
             config.server.queue_capacity = config.server.queue_capacity.max(4096);
             let gw = wsbridge::Gateway::start(config).await?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !gw.hub().is_ready() {
+                if Instant::now() > deadline {
+                    bail!("the gateway's backends did not connect within 30s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             (format!("ws://{}/ws", gw.local_addr()), Some(gw))
         }
     };
@@ -96,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let epoch = Instant::now();
     let totals = Arc::new(Totals::default());
-    let expected_last = args.rate * args.duration.as_secs_f64() as u64;
+    let expected_last = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let mut subscribers = Vec::with_capacity(args.subscribers);
     for batch in (0..args.subscribers).collect::<Vec<_>>().chunks(100) {
         let mut connecting = Vec::new();
@@ -123,7 +134,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let publish_start = epoch.elapsed();
-    let (published, acked, failed) = publish(&url, &channel, &args, epoch).await?;
+    let Published {
+        published,
+        acked,
+        failed,
+        ack_span,
+    } = publish(&url, &channel, &args, epoch).await?;
     let publish_end = epoch.elapsed();
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
@@ -138,6 +154,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e6;
 
     println!("published:     {published} ({acked} acknowledged, {failed} failed)");
+    println!(
+        "acks/s:        {:.0} (first publish to last acknowledgement, {:.2}s)",
+        acked as f64 / ack_span.as_secs_f64().max(1e-9),
+        ack_span.as_secs_f64()
+    );
     println!(
         "delivered:     {delivered} of {expected} expected ({:.2}%)",
         100.0 * delivered as f64 / expected.max(1) as f64
@@ -216,12 +237,12 @@ async fn receive(
             }
             continue;
         }
-        let (Some(seq), Some(sent)) = (
-            number_after(text, "\"seq\":"),
-            number_after(text, "\"sent_ns\":"),
-        ) else {
+        if !text.starts_with("{\"type\":\"message\"") {
             continue;
-        };
+        }
+        // Protobuf JSON omits fields at their default, so a missing number is 0.
+        let seq = number_after(text, "\"seq\":").unwrap_or(0);
+        let sent = number_after(text, "\"sent\":").unwrap_or(0);
         let now = epoch.elapsed().as_nanos() as u64;
         histogram.saturating_record(now.saturating_sub(sent).max(1));
         delivered += 1;
@@ -239,48 +260,64 @@ async fn receive(
     histogram
 }
 
+/// The unsigned integer after `key`, quoted or not (Protobuf JSON quotes 64-bit integers).
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let start = text.find(key)? + key.len();
-    let digits: &str = &text[start..];
+    let digits: &str = text[start..].trim_start_matches('"');
     let end = digits
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
-/// Publishes on schedule; returns (published, acknowledged, failed).
+/// What the publisher did.
+struct Published {
+    published: u64,
+    acked: u64,
+    failed: u64,
+    /// From the first publish to the last acknowledgement.
+    ack_span: Duration,
+}
+
+/// Publishes on schedule (or as fast as `--max-inflight` acknowledgements allow).
 async fn publish(
     url: &str,
     channel: &str,
     args: &Args,
     epoch: Instant,
-) -> anyhow::Result<(u64, u64, u64)> {
+) -> anyhow::Result<Published> {
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
     let (mut sink, mut stream) = ws.split();
     let acked = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let last_ack_ns = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(tokio::sync::Notify::new());
     let count = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
     let reader = {
-        let (acked, failed) = (acked.clone(), failed.clone());
+        let (acked, failed, last_ack_ns, answered) = (
+            acked.clone(),
+            failed.clone(),
+            last_ack_ns.clone(),
+            answered.clone(),
+        );
         tokio::spawn(async move {
             while let Some(Ok(message)) = stream.next().await {
-                if let Message::Text(text) = message {
-                    if text.starts_with("{\"type\":\"ok\"") {
-                        if acked.fetch_add(1, Ordering::Relaxed)
-                            + 1
-                            + failed.load(Ordering::Relaxed)
-                            >= count
-                        {
-                            break;
-                        }
-                    } else if text.starts_with("{\"type\":\"error\"") {
-                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("publish failed: {text}");
-                        }
-                        if acked.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= count {
-                            break;
-                        }
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                if text.starts_with("{\"type\":\"ok\"") {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                } else if text.starts_with("{\"type\":\"error\"") {
+                    if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("publish failed: {text}");
                     }
+                } else {
+                    continue;
+                }
+                last_ack_ns.store(epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                answered.notify_one();
+                if acked.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= count {
+                    break;
                 }
             }
         })
@@ -296,8 +333,15 @@ async fn publish(
             sink.flush().await?;
             tokio::time::sleep_until(epoch + intended).await;
         }
+        while args.max_inflight > 0
+            && published - acked.load(Ordering::Relaxed) - failed.load(Ordering::Relaxed)
+                >= args.max_inflight
+        {
+            sink.flush().await?;
+            answered.notified().await;
+        }
         let frame = format!(
-            r#"{{"type":"publish","id":{seq},"channel":{},"payload":{{"seq":{seq},"sent_ns":{},"pad":"{padding}"}}}}"#,
+            r#"{{"type":"publish","id":{seq},"channel":{},"payload":{{"seq":{seq},"sent":{},"pad":"{padding}"}}}}"#,
             serde_json::to_string(channel)?,
             intended.as_nanos()
         );
@@ -306,9 +350,11 @@ async fn publish(
     }
     sink.flush().await?;
     let _ = tokio::time::timeout(args.drain, reader).await;
-    Ok((
+    let last_ack = Duration::from_nanos(last_ack_ns.load(Ordering::Relaxed));
+    Ok(Published {
         published,
-        acked.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
-    ))
+        acked: acked.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        ack_span: last_ack.saturating_sub(start),
+    })
 }
