@@ -9,8 +9,9 @@
 //! - [`fanout`]: the core. One upstream subscription per distinct topic filter, shared by every
 //!   socket on it; each broker message encoded once and the frame shared by its receivers.
 //! - [`routing`]: channel patterns, route templates and the ordered route table.
-//! - [`backends`]: the adapter trait and one folder per broker (`memory`, ...).
-//! - [`transform`]: payload encodings between broker bytes and client frames.
+//! - [`backends`]: the adapter trait and one folder per broker (`memory`, `mqtt`, `amqp`, `kafka`).
+//! - [`transform`]: payload encodings between broker bytes and client frames (JSON, text,
+//!   binary, Protobuf from `.proto` files loaded at start-up) and JSON Schema checks.
 //! - [`auth`]: the connection's principal and the one authorisation point.
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`metrics`]: per-instance Prometheus metrics.

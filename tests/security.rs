@@ -847,3 +847,58 @@ allow = ["subscribe", "publish"]
     bystander.still_receives().await;
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn jwks_url_keys_are_fetched_and_used() {
+    // A JWKS endpoint on 127.0.0.1, as an identity provider would serve it.
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let body = jwks.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 2048];
+                let _ = stream.read(&mut request).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    let config = gateway_config("").replace(
+        &format!("secret = \"{SECRET}\""),
+        &format!("jwks_url = \"http://{jwks_addr}/jwks.json\"\njwks_refresh = \"1s\""),
+    );
+    let gw = start(&config).await;
+    let addr = gw.local_addr();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-rsa-1".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims("alice"),
+        &pem_key(Algorithm::RS256, "rsa_private.pem"),
+    )
+    .unwrap();
+    common::eventually("the JWKS is fetched and the token accepted", async || {
+        Client::try_connect(addr, bearer(&token)).await.is_ok()
+    })
+    .await;
+    // A key id the set does not have is refused.
+    header.kid = Some("someone-elses-key".into());
+    let foreign = jsonwebtoken::encode(
+        &header,
+        &claims("alice"),
+        &pem_key(Algorithm::RS256, "rsa_private.pem"),
+    )
+    .unwrap();
+    let (status, body) = refused(addr, bearer(&foreign)).await;
+    assert_eq!((status, body.trim()), (401, "unknown token key"));
+    gw.shutdown().await;
+    server.abort();
+}
