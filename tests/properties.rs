@@ -152,14 +152,7 @@ proptest! {
     /// literal levels, placeholders, partial levels and `#`, in `/` and `.` syntaxes.
     #[test]
     fn templates_round_trip(site in level(), device in level(), tail in channel(), dotted in any::<bool>()) {
-        let dot = TopicSyntax {
-            name: "routing key",
-            separator: Some('.'),
-            single_wildcard: Some("*"),
-            multi_wildcard: Some("#"),
-            max_len: 255,
-            value_char: |c| !matches!(c, '.' | '*' | '#') && !c.is_control(),
-        };
+        let dot = wsbridge::backends::amqp::ROUTING_KEY;
         let (syntax, topic) = if dotted { (dot, "plant.{site}.dev-{device}.#") } else { (TopicSyntax::SLASH, "plant/{site}/dev-{device}/#") };
         let template = ChannelTemplate::parse("s/{site}/d/{device}/#").unwrap();
         let topic_template = TopicTemplate::parse(topic, syntax).unwrap();

@@ -688,14 +688,8 @@ impl<'t> Captures<'t> {
 mod tests {
     use super::*;
 
-    const DOT: TopicSyntax = TopicSyntax {
-        name: "routing key",
-        separator: Some('.'),
-        single_wildcard: Some("*"),
-        multi_wildcard: Some("#"),
-        max_len: 255,
-        value_char: |c| !matches!(c, '.' | '*' | '#') && !c.is_control(),
-    };
+    /// AMQP routing keys, the syntax with a `.` separator and `*` wildcard.
+    const DOT: TopicSyntax = crate::backends::amqp::ROUTING_KEY;
     const NAME: TopicSyntax = TopicSyntax {
         name: "name",
         separator: None,
