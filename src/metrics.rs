@@ -129,7 +129,7 @@ impl Metrics {
             upstreams: gauge_vec(
                 &registry,
                 "wsbridge_upstream_subscriptions",
-                "Upstream subscriptions held at the broker (shared by all sockets on a filter)",
+                "Upstream subscriptions the gateway holds, one per route and topic filter, shared by all sockets on it",
                 b,
             ),
             backend_up: gauge_vec(

@@ -469,23 +469,9 @@ async fn a_stalled_socket_does_not_hold_up_the_consumer() {
 
     // 2000 messages of 16 KiB (32 MB): far more than socket buffers and the queue hold, so the
     // stalled socket must lose messages while the broker's deliveries keep flowing.
-    let total = 2000;
-    let pad = "x".repeat(16 * 1024);
-    let reader = tokio::spawn(async move {
-        for seq in 0..total {
-            let m = healthy.next_message().await;
-            assert_eq!(m["payload"]["seq"], seq, "every message, in order");
-        }
-    });
+    let reader = common::read_in_order(healthy, 2000);
     let mut publisher = Client::connect(addr).await;
-    for seq in 0..total {
-        publisher
-            .send(json!({"type": "publish", "id": seq, "channel": "orders/eu/1", "payload": {"seq": seq, "pad": pad}}))
-            .await;
-        if seq % 64 == 63 {
-            assert_eq!(publisher.reply_to(json!(seq)).await["type"], "ok");
-        }
-    }
+    common::flood(&mut publisher, "orders/eu/1", 2000, 16 * 1024).await;
     reader.await.expect("the healthy client got every message");
     let status = stalled.next_of("status").await;
     assert_eq!(status["code"], "messages_dropped", "{status}");

@@ -235,27 +235,10 @@ async fn a_client_that_never_reads_does_not_stop_a_healthy_one() {
     healthy.subscribe(&ch).await;
 
     // 4000 messages of 16 KiB (64 MB) are far more than socket buffers and the queue hold.
-    let big = "x".repeat(16 * 1024);
-    let mut publisher = Client::connect(addr).await;
     let total = 4000;
-    let reader = tokio::spawn(async move {
-        for seq in 0..total {
-            let m = healthy.next_message().await;
-            assert_eq!(
-                m["payload"]["seq"], seq,
-                "the healthy client gets every message in order"
-            );
-        }
-        healthy
-    });
-    for seq in 0..total {
-        publisher
-            .send(json!({"type": "publish", "id": seq, "channel": ch, "payload": {"seq": seq, "pad": big}}))
-            .await;
-        if seq % 64 == 63 {
-            publisher.reply_to(json!(seq)).await;
-        }
-    }
+    let mut publisher = Client::connect(addr).await;
+    let reader = common::read_in_order(healthy, total);
+    common::flood(&mut publisher, &ch, total, 16 * 1024).await;
     reader.await.expect("healthy reader finished");
 
     // Memory stays bounded: the stalled client holds at most its queue capacity.

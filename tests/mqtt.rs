@@ -614,27 +614,9 @@ async fn a_client_that_never_reads_does_not_stall_the_mqtt_connection() {
 
     // 2000 messages of 16 KiB (32 MB) through the broker: far more than the stalled client's
     // queue and socket buffers hold.
-    let total = 2000;
-    let pad = "x".repeat(16 * 1024);
-    let reader = tokio::spawn(async move {
-        for seq in 0..total {
-            let m = healthy.next_message().await;
-            assert_eq!(
-                m["payload"]["seq"], seq,
-                "the healthy client gets every message in order"
-            );
-        }
-        healthy
-    });
+    let reader = common::read_in_order(healthy, 2000);
     let mut publisher = Client::connect(addr).await;
-    for seq in 0..total {
-        publisher
-            .send(json!({"type": "publish", "id": seq, "channel": "sensors/berlin/bulk", "payload": {"seq": seq, "pad": pad}}))
-            .await;
-        if seq % 32 == 31 {
-            assert_eq!(publisher.reply_to(json!(seq)).await["type"], "ok");
-        }
-    }
+    common::flood(&mut publisher, "sensors/berlin/bulk", 2000, 16 * 1024).await;
     let mut healthy = reader.await.expect("the healthy client read everything");
     healthy.assert_no_message().await;
     assert!(gw.hub().is_ready(), "the MQTT connection never dropped");

@@ -8,7 +8,7 @@
 
 pub mod upstream;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -434,10 +434,8 @@ impl Hub {
 
     /// Sessions subscribed per upstream (for tests and introspection).
     pub fn sessions_per_upstream(&self) -> Vec<usize> {
-        let mut seen = HashSet::new();
         self.table()
             .values()
-            .filter(|u| seen.insert(u.id))
             .map(|u| u.fanout.member_count())
             .collect()
     }

@@ -271,3 +271,33 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// Reads `total` messages on `client` in a task, asserting their `payload.seq` runs 0, 1, ... in
+/// order (the companion of [`flood`]); the task returns the client.
+pub fn read_in_order(mut client: Client, total: u64) -> tokio::task::JoinHandle<Client> {
+    tokio::spawn(async move {
+        for seq in 0..total {
+            let m = client.next_message().await;
+            assert_eq!(
+                m["payload"]["seq"], seq,
+                "the healthy client gets every message in order"
+            );
+        }
+        client
+    })
+}
+
+/// Publishes `total` messages `{"seq": n, "pad": <pad_bytes of x>}` on `channel` without waiting
+/// for each `ok`, but checking every 32nd so the publisher never runs far ahead of the broker.
+pub async fn flood(publisher: &mut Client, channel: &str, total: u64, pad_bytes: usize) {
+    let pad = "x".repeat(pad_bytes);
+    for seq in 0..total {
+        publisher
+            .send(json!({"type": "publish", "id": seq, "channel": channel, "payload": {"seq": seq, "pad": pad}}))
+            .await;
+        if seq % 32 == 31 || seq + 1 == total {
+            let reply = publisher.reply_to(json!(seq)).await;
+            assert_eq!(reply["type"], "ok", "publish {seq}: {reply}");
+        }
+    }
+}
