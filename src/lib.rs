@@ -2,34 +2,43 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: the listener. Accepts connections, serves `/ws`, `/healthz`, `/readyz` and
-//!   `/metrics`, tracks upgraded sockets and shuts down gracefully.
-//! - [`session`]: the socket side. One client connection: decoding requests, the outgoing queue
-//!   with its slow-consumer policy, batched writes, keepalive.
+//! Modules are layered; each imports only modules of lower layers (docs/ARCHITECTURE.md, checked
+//! by `tests/layering.rs`). From the top:
+//!
+//! - [`gateway`]: the configuration file as a whole ([`Config`]) and [`Gateway::start`], the one
+//!   place the runtime is assembled: backends, the hub, the listener.
+//! - [`server`]: the listener. Accepts connections, checks connection limits, serves `/ws`,
+//!   `/healthz`, `/readyz` and `/metrics`, tracks upgraded sockets and shuts down gracefully.
+//! - [`edge`]: client edges. The WebSocket session ([`edge::ws`]) with its two client protocols,
+//!   [`edge::json`] and [`edge::protobuf`].
 //! - [`fanout`]: the core. One upstream subscription per distinct topic filter, shared by every
-//!   socket on it; each broker message encoded once and the frame shared by its receivers.
-//! - [`routing`]: channel patterns, route templates and the ordered route table.
-//! - [`backends`]: the adapter trait and one folder per broker (`memory`, `mqtt`, `amqp`, `kafka`).
-//! - [`transform`]: payload encodings between broker bytes and client frames (JSON, text,
-//!   binary, Protobuf from `.proto` files loaded at start-up) and JSON Schema checks.
-//! - [`auth`]: the connection's principal and the one authorisation point.
-//! - [`config`]: the TOML configuration, its defaults and validation.
-//! - [`metrics`]: per-instance Prometheus metrics.
+//!   socket on it; each broker message encoded once per edge [`fanout::Encoding`] and the frame
+//!   shared; each client's bounded [`fanout::Outbox`] with its slow-consumer policy.
+//! - [`auth`]: who a connection is, and [`auth::Policy`], the one authorisation point.
+//! - [`backends`]: the adapter contract and one folder per broker (`memory`, `mqtt`, `amqp`,
+//!   `kafka`), registered in [`backends::KINDS`].
+//! - [`routing`]: channel patterns, topic syntax, route templates and the ordered route table.
+//! - [`transform`]: payload formats between broker bytes and client frames (JSON, text, binary,
+//!   Protobuf from `.proto` files loaded at start-up) and JSON Schema checks.
+//! - [`limits`]: the `[limits]` table: connection caps and per-connection publish rates.
+//! - [`config`] and [`metrics`]: leaves. Config problems with their key paths, section parsing,
+//!   `${VAR}` interpolation and the `[[routes]]` entries; per-instance Prometheus metrics.
 //!
 //! A broker message travels backend → [`fanout::upstream::Fanout`] (map back to the client
-//! channel, transform, encode once) → each subscriber's [`session::outbox::Outbox`] → that
+//! channel, transform, encode once per encoding) → each subscriber's [`fanout::Outbox`] → that
 //! connection's writer. A client publish travels session → [`fanout::Hub`] (route, authorise,
 //! transform) → backend, and the client's `ok` waits for the broker's acknowledgement.
 
 pub mod auth;
 pub mod backends;
 pub mod config;
+pub mod edge;
 pub mod fanout;
+pub mod gateway;
+pub mod limits;
 pub mod metrics;
 pub mod routing;
 pub mod server;
-pub mod session;
 pub mod transform;
 
-pub use config::Config;
-pub use server::{Gateway, StartError};
+pub use gateway::{Config, DEFAULT_CONFIG, Gateway, StartError};

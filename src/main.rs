@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::PrintConfig => {
-            print!("{}", wsbridge::config::DEFAULT_CONFIG);
+            print!("{}", wsbridge::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
         Command::CheckConfig { file } => match Config::load(&file) {
@@ -51,8 +51,8 @@ fn main() -> ExitCode {
                 println!(
                     "{}: ok ({} backends, {} routes)",
                     file.display(),
-                    config.backends.len(),
-                    config.routes.len()
+                    config.backends().len(),
+                    config.routes().len()
                 );
                 ExitCode::SUCCESS
             }

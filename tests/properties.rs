@@ -4,10 +4,10 @@
 
 use axum::extract::ws::Message;
 use proptest::prelude::*;
+use wsbridge::edge::ws::protocol::Protocol;
 use wsbridge::routing::{
     Captures, ChannelPattern, ChannelTemplate, NoClaims, TopicSyntax, TopicTemplate,
 };
-use wsbridge::session::protocol::Protocol;
 
 const DOCUMENTED_CODES: &[&str] = &[
     "invalid_json",

@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use wsbridge::session::protocol::protobuf::envelope::{
+use wsbridge::edge::protobuf::envelope::{
     self, ClientFrame, ServerFrame, client_frame, server_frame,
 };
 

@@ -1,12 +1,14 @@
 //! Who a connection is, and the one place that decides what it may do.
 //!
 //! Authentication happens once at the upgrade ([`Authenticator::authenticate`]) and again on an
-//! in-band `auth` refresh. Authorisation happens in [`authorize`] for every subscribe and publish:
-//! it routes the channel (claim placeholders in the route's templates must equal the token's
-//! claims), checks the route's `allow` list and its `subscribe_if`/`publish_if` rule, and logs every
-//! denial with the subject (never the token). Nothing else in the gateway grants or refuses access.
+//! in-band `auth` refresh. Authorisation happens in [`Policy::authorize`] for every subscribe and
+//! publish: it routes the channel (claim placeholders in the route's templates must equal the
+//! token's claims), checks the route's `allow` list and its `subscribe_if`/`publish_if` rule, and
+//! logs every denial with the subject (never the token). Nothing else in the gateway grants or
+//! refuses access. The `[auth]` table ([`AuthConfig`]) and the routes' rule keys are validated here.
 
 pub mod jwt;
+mod policy;
 pub mod rules;
 
 use std::borrow::Cow;
@@ -16,11 +18,11 @@ use axum::http::{HeaderMap, Uri, header};
 use tokio_util::sync::CancellationToken;
 
 pub use jwt::{AuthConfig, AuthMode, Secret, TokenError, TokenSource, Verified};
+pub use policy::{AccessError, Policy};
 
-use crate::config::Operation;
-use crate::routing::{ChannelPattern, ClaimSource, RenderError, Resolved, RouteError, Router};
+use crate::config::ConfigProblem;
+use crate::routing::ClaimSource;
 use jwt::JwtVerifier;
-use rules::RuleContext;
 
 /// Prefix of a `Sec-WebSocket-Protocol` entry carrying a token.
 pub const SUBPROTOCOL_TOKEN_PREFIX: &str = "access_token.";
@@ -82,6 +84,24 @@ impl Authenticator {
             config: config.clone(),
             verifier,
         })
+    }
+
+    /// Validates the `[auth]` table and loads its key material, recording every problem (a
+    /// missing or unreadable key file is a config problem too).
+    pub fn from_config(config: &AuthConfig, problems: &mut Vec<ConfigProblem>) -> Option<Self> {
+        let before = problems.len();
+        config.validate(problems);
+        if problems.len() != before {
+            return None;
+        }
+        match Authenticator::new(config) {
+            Ok(authenticator) => Some(authenticator),
+            Err(e) => {
+                let (path, message) = e.split_once(": ").unwrap_or(("auth", &e));
+                problems.push(ConfigProblem::new(path, message));
+                None
+            }
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -189,102 +209,4 @@ pub fn find_token(
                 .map(str::to_owned),
         })
         .filter(|t| !t.is_empty())
-}
-
-/// A refused subscribe or publish, with its client error code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-struct RuleInput<'a> {
-    vars: &'a [(String, Option<String>)],
-    principal: &'a Principal,
-}
-
-impl RuleContext for RuleInput<'_> {
-    fn var(&self, name: &str) -> Option<&str> {
-        self.vars
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    fn claim(&self, path: &str) -> Option<&serde_json::Value> {
-        self.principal.claim_value(path)
-    }
-}
-
-/// The authorisation point: routes `pattern` and decides whether `principal` may `op` it.
-pub fn authorize(
-    router: &Router,
-    principal: &Principal,
-    op: Operation,
-    pattern: &ChannelPattern,
-) -> Result<Resolved, AccessError> {
-    let verb = match op {
-        Operation::Subscribe => "subscribe",
-        Operation::Publish => "publish",
-    };
-    let deny = |reason: String| {
-        tracing::info!(
-            subject = principal.display_name(),
-            operation = verb,
-            channel = %pattern,
-            %reason,
-            "access denied"
-        );
-        AccessError {
-            code: "forbidden",
-            message: format!("not allowed to {verb} {:?}", pattern.as_str()),
-        }
-    };
-    let resolved = match router.resolve(pattern, principal) {
-        Ok(r) => r,
-        Err(RouteError::NoRoute(channel)) => {
-            return Err(AccessError {
-                code: "no_route",
-                message: format!("no route matches channel {channel:?}"),
-            });
-        }
-        Err(RouteError::ClaimMismatch(_)) => {
-            return Err(deny("channel is bound to other claim values".into()));
-        }
-        Err(RouteError::Render {
-            error: RenderError::MissingClaim(claim),
-            ..
-        }) => return Err(deny(format!("token lacks {claim}"))),
-        Err(e @ RouteError::Render { .. }) => {
-            let code = match &e {
-                RouteError::Render {
-                    error: RenderError::WildcardUnsupported { .. },
-                    ..
-                } => "unsupported_pattern",
-                _ => "invalid_channel",
-            };
-            return Err(AccessError {
-                code,
-                message: e.to_string(),
-            });
-        }
-    };
-    let route = &resolved.route;
-    if !route.allows(op) {
-        return Err(deny(format!("route {} does not allow {verb}", route.index)));
-    }
-    let rule = match op {
-        Operation::Subscribe => route.subscribe_if.as_ref(),
-        Operation::Publish => route.publish_if.as_ref(),
-    };
-    if let Some(rule) = rule {
-        let input = RuleInput {
-            vars: &resolved.vars,
-            principal,
-        };
-        if !rule.allows(&input) {
-            return Err(deny(format!("rule `{rule}` does not hold")));
-        }
-    }
-    Ok(resolved)
 }

@@ -1,229 +1,67 @@
 //! Backend adapters: what the gateway core talks to, without ever naming a broker.
 //!
-//! A backend is one folder here plus one variant of [`BackendConfig`]. The core hands it
-//! *upstream subscriptions* (one per distinct topic filter, shared by every socket on it) and
-//! *publishes*; the backend delivers broker messages to each subscription's [`MessageSink`] and
-//! reports its connection state through [`Backend::health`]. Adding a broker touches only its
-//! folder and the registration lines in this file.
+//! - [`adapter`]: the contract. The [`Backend`] trait the core calls, the [`MessageSink`] a
+//!   backend delivers to, the message and error types, and [`BackendSettings`]: what a kind
+//!   declares about itself (topic syntax, [`Capabilities`]) and how it is built.
+//! - one folder per broker: [`memory`], [`mqtt`], [`amqp`], [`kafka`]. Each holds its config
+//!   table, its route options, its `KIND` and its [`Backend`], and imports only the contract
+//!   (never another adapter).
+//! - this file: the registered kinds ([`KINDS`]) and [`BackendConfig`], a parsed
+//!   `[backends.NAME]` table of any of them.
+//!
+//! Adding a broker is its folder plus its name in the `kinds!` line below. The registry is a
+//! list rather than an enum of configs: each kind answers for itself through
+//! [`BackendSettings`], so there is no match over kinds anywhere to extend.
 
-pub mod amqp;
-pub mod kafka;
-pub mod memory;
-pub mod mqtt;
+pub mod adapter;
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use tokio::sync::watch;
+pub use adapter::{
+    Backend, BackendError, BackendSettings, BrokerMessage, BuildContext, Capabilities, Health,
+    Kind, MessageSink, Position, Publish, PublishReceipt, StartPosition, Subscription,
+    SubscriptionEvent, UpstreamId,
+};
 
 use crate::config::{ConfigProblem, RouteConfig};
 use crate::routing::TopicSyntax;
 
-/// Identifies one upstream subscription for the life of the process.
-pub type UpstreamId = u64;
+/// Declares each kind's folder as a module and lists its `KIND` in [`KINDS`].
+macro_rules! kinds {
+    ($($kind:ident),+ $(,)?) => {
+        $(pub mod $kind;)+
 
-/// Position of a message in a partitioned log (Kafka).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub partition: i32,
-    pub offset: i64,
+        /// Every backend kind, in the order `type` values are listed in messages.
+        pub const KINDS: &[Kind] = &[$($kind::KIND),+];
+    };
 }
 
-/// Where a subscription starts reading, for backends that keep a log.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum StartPosition {
-    /// Only messages published from now on (the default, and the only choice without a log).
-    #[default]
-    Latest,
-    Earliest,
-    /// The first message at or after this time (ms since the Unix epoch).
-    Timestamp(i64),
-    /// The next offset to read, per partition.
-    Offsets(Vec<(i32, i64)>),
-}
+kinds!(memory, mqtt, amqp, kafka);
 
-/// A message received from a broker.
-#[derive(Debug, Clone, Default)]
-pub struct BrokerMessage {
-    /// Topic in the backend's syntax (MQTT topic, AMQP routing key, Kafka topic).
-    pub topic: String,
-    pub payload: Bytes,
-    pub key: Option<String>,
-    pub headers: Vec<(String, String)>,
-    pub content_type: Option<String>,
-    pub message_id: Option<String>,
-    pub correlation_id: Option<String>,
-    /// Milliseconds since the Unix epoch.
-    pub timestamp: Option<i64>,
-    pub position: Option<Position>,
-}
-
-/// Events a backend reports for one upstream subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubscriptionEvent {
-    /// Messages between the requested start and what the broker still holds are gone.
-    Gap {
-        partition: i32,
-        requested: i64,
-        available: i64,
-    },
-}
-
-/// Where a backend delivers messages for one upstream subscription. Delivery never blocks: the
-/// fan-out behind it queues per client and applies the slow-consumer policy.
-pub trait MessageSink: Send + Sync {
-    fn deliver(&self, message: BrokerMessage);
-    fn event(&self, event: SubscriptionEvent);
-}
-
-/// An upstream subscription requested by the core.
+/// A validated `[backends.NAME]` table: its kind and that kind's settings.
 #[derive(Clone)]
-pub struct Subscription {
-    pub id: UpstreamId,
-    /// Index of the route (in config order) the subscription came through.
-    pub route: usize,
-    /// Topic filter in the backend's syntax.
-    pub filter: String,
-    /// Exact message key to deliver, when the route is key-routed and the pattern names one key.
-    pub key: Option<String>,
-    pub start: StartPosition,
-    pub sink: Arc<dyn MessageSink>,
+pub struct BackendConfig {
+    kind: &'static str,
+    settings: Arc<dyn BackendSettings>,
 }
 
-impl fmt::Debug for Subscription {
+impl fmt::Debug for BackendConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription")
-            .field("id", &self.id)
-            .field("route", &self.route)
-            .field("filter", &self.filter)
-            .field("key", &self.key)
-            .field("start", &self.start)
-            .finish_non_exhaustive()
+        fmt::Debug::fmt(&self.settings, f)
     }
-}
-
-/// A client publish, mapped to the backend's terms.
-#[derive(Debug, Clone)]
-pub struct Publish {
-    pub route: usize,
-    pub topic: String,
-    pub key: Option<String>,
-    pub payload: Bytes,
-    pub headers: Vec<(String, String)>,
-    pub partition: Option<i32>,
-}
-
-/// What the broker said about an accepted publish.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PublishReceipt {
-    pub position: Option<Position>,
-}
-
-/// Connection state of a backend, as shown in `status` frames and `/readyz`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Health {
-    Up,
-    Down { reason: String },
-}
-
-impl Health {
-    pub fn is_up(&self) -> bool {
-        matches!(self, Health::Up)
-    }
-}
-
-/// Why a backend operation failed. Each kind maps to a documented client error code.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BackendError {
-    /// Not connected to the broker right now; retrying later may work.
-    #[error("backend is unavailable: {0}")]
-    Unavailable(String),
-    /// The broker did not answer in time; the outcome is unknown.
-    #[error("backend did not answer within {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
-    /// The broker refused this request (e.g. unroutable message, unknown topic).
-    #[error("{message}")]
-    Rejected { code: &'static str, message: String },
-    /// The request uses something this backend cannot do.
-    #[error("{0}")]
-    Unsupported(String),
-    /// Any other broker or adapter failure.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl BackendError {
-    /// The client error code for this failure (see docs/PROTOCOL.md).
-    pub fn code(&self) -> &'static str {
-        match self {
-            BackendError::Unavailable(_) => "backend_unavailable",
-            BackendError::Timeout(_) => "backend_timeout",
-            BackendError::Rejected { code, .. } => code,
-            BackendError::Unsupported(_) => "unsupported",
-            BackendError::Failed(_) => "backend_error",
-        }
-    }
-}
-
-/// A running backend adapter.
-#[async_trait]
-pub trait Backend: Send + Sync {
-    /// Starts delivering messages matching `subscription.filter` to its sink. Called once per
-    /// distinct upstream; the core shares it between sockets.
-    async fn subscribe(&self, subscription: Subscription) -> Result<(), BackendError>;
-
-    /// Stops an upstream subscription; no message is delivered to its sink afterwards.
-    async fn unsubscribe(&self, id: UpstreamId) -> Result<(), BackendError>;
-
-    /// Another client joined upstream `id`, which the core already shares. A backend whose
-    /// broker keeps last values (MQTT retained messages) delivers them to `sink`, which reaches
-    /// only that client, as the broker would on a subscription of the client's own. Must not
-    /// block. By default nothing happens.
-    fn joined(&self, id: UpstreamId, sink: Arc<dyn MessageSink>) {
-        let _ = (id, sink);
-    }
-
-    /// Publishes one message; resolves when the broker has accepted it (as far as the backend's
-    /// delivery settings promise).
-    async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError>;
-
-    /// Connection state, updated as it changes.
-    fn health(&self) -> watch::Receiver<Health>;
-
-    /// Number of upstream subscriptions the broker currently holds for this backend.
-    fn upstream_count(&self) -> usize;
-
-    /// Closes broker connections; called once on shutdown.
-    async fn close(&self);
-}
-
-/// What a backend gets when it is built.
-pub struct BuildContext<'a> {
-    /// The backend's name in the config.
-    pub name: &'a str,
-    /// The routes that name this backend, with their index in config order.
-    pub routes: Vec<(usize, &'a RouteConfig)>,
-}
-
-/// The `[backends.NAME]` table; `type` selects the variant.
-#[derive(Debug, Clone)]
-pub enum BackendConfig {
-    Memory(memory::MemoryConfig),
-    Mqtt(Box<mqtt::MqttConfig>),
-    Amqp(amqp::AmqpConfig),
-    Kafka(kafka::KafkaConfig),
 }
 
 impl BackendConfig {
-    /// Parses a backend table, recording problems under `path`.
-    pub fn from_toml(
+    /// Parses a backend table, selecting the kind by its `type` key; problems are recorded
+    /// under `path` (`backends.NAME`).
+    pub fn parse(
         value: toml::Value,
         path: &str,
         problems: &mut Vec<ConfigProblem>,
     ) -> Option<Self> {
+        let names = || KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ");
         let toml::Value::Table(mut table) = value else {
             problems.push(ConfigProblem::new(
                 path,
@@ -231,8 +69,8 @@ impl BackendConfig {
             ));
             return None;
         };
-        let kind = match table.remove("type") {
-            Some(toml::Value::String(kind)) => kind,
+        let name = match table.remove("type") {
+            Some(toml::Value::String(name)) => name,
             Some(_) => {
                 problems.push(ConfigProblem::new(
                     format!("{path}.type"),
@@ -243,96 +81,101 @@ impl BackendConfig {
             None => {
                 problems.push(ConfigProblem::new(
                     format!("{path}.type"),
-                    format!("missing; one of: {}", Self::TYPES.join(", ")),
+                    format!("missing; one of: {}", names()),
                 ));
                 return None;
             }
         };
-        let table = toml::Value::Table(table);
-        let section = crate::config::deserialize_section;
-        match kind.as_str() {
-            "memory" => section(table, path, problems).map(BackendConfig::Memory),
-            "mqtt" => mqtt::MqttConfig::parse(table, path, problems).map(BackendConfig::Mqtt),
-            "amqp" => {
-                amqp::AmqpConfig::from_section(table, path, problems).map(BackendConfig::Amqp)
-            }
-            "kafka" => {
-                crate::config::deserialize_section::<kafka::KafkaConfig>(table, path, problems)
-                    .inspect(|c| c.validate(path, problems))
-                    .map(BackendConfig::Kafka)
-            }
-            other => {
-                problems.push(ConfigProblem::new(
-                    format!("{path}.type"),
-                    format!(
-                        "unknown backend type {other:?}; one of: {}",
-                        Self::TYPES.join(", ")
-                    ),
-                ));
-                None
-            }
-        }
+        let Some(kind) = KINDS.iter().find(|k| k.name == name) else {
+            problems.push(ConfigProblem::new(
+                format!("{path}.type"),
+                format!("unknown backend type {name:?}; one of: {}", names()),
+            ));
+            return None;
+        };
+        let settings = (kind.parse)(toml::Value::Table(table), path, problems)?;
+        Some(BackendConfig {
+            kind: kind.name,
+            settings: Arc::from(settings),
+        })
     }
 
-    /// Every `type` value, for error messages.
-    pub const TYPES: &'static [&'static str] = &["memory", "mqtt", "amqp", "kafka"];
-
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            BackendConfig::Memory(_) => "memory",
-            BackendConfig::Mqtt(_) => "mqtt",
-            BackendConfig::Amqp(_) => "amqp",
-            BackendConfig::Kafka(_) => "kafka",
-        }
+    /// The `type` value.
+    pub fn kind(&self) -> &'static str {
+        self.kind
     }
 
-    /// How this backend spells topics, for route templates.
     pub fn topic_syntax(&self) -> TopicSyntax {
-        match self {
-            BackendConfig::Memory(_) => TopicSyntax::SLASH,
-            BackendConfig::Mqtt(_) => mqtt::MQTT_TOPIC,
-            BackendConfig::Amqp(_) => amqp::ROUTING_KEY,
-            BackendConfig::Kafka(_) => kafka::KAFKA_TOPIC,
-        }
+        self.settings.topic_syntax()
     }
 
-    /// Whether routes to this backend may have a `key` template.
-    pub fn supports_keys(&self) -> bool {
-        match self {
-            BackendConfig::Memory(_) => false,
-            BackendConfig::Mqtt(_) => false,
-            BackendConfig::Amqp(_) => false,
-            BackendConfig::Kafka(_) => true,
-        }
+    pub fn capabilities(&self) -> Capabilities {
+        self.settings.capabilities()
     }
 
-    /// Checks the backend-specific options of a route (`path` is the route's path).
+    /// Checks the backend-specific options of a route naming this backend.
     pub fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
-        match self {
-            BackendConfig::Memory(_) => {
-                for key in route.options.keys() {
-                    problems.push(ConfigProblem::new(
-                        format!("{path}.{key}"),
-                        "unknown key (memory routes have no backend options)",
-                    ));
-                }
-            }
-            BackendConfig::Mqtt(c) => {
-                mqtt::RouteOptions::parse(route, c.protocol, path, problems);
-            }
-            BackendConfig::Amqp(c) => c.check_route(route, path, problems),
-            BackendConfig::Kafka(_) => kafka::check_route(route, path, problems),
+        self.settings.check_route(route, path, problems);
+    }
+
+    /// Starts the adapter.
+    pub fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
+        self.settings.build(cx)
+    }
+
+    /// The kind's own settings type, e.g. `settings::<KafkaConfig>()`.
+    pub fn settings<T: BackendSettings>(&self) -> Option<&T> {
+        (self.settings.as_ref() as &dyn Any).downcast_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> (Option<BackendConfig>, Vec<String>) {
+        let value: toml::Value = toml::from_str(text).unwrap();
+        let mut problems = Vec::new();
+        let config = BackendConfig::parse(value, "backends.b", &mut problems);
+        (config, problems.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn every_kind_is_selected_by_its_type() {
+        for (text, kind) in [
+            ("type = \"memory\"", "memory"),
+            ("type = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"", "mqtt"),
+            ("type = \"amqp\"\nurl = \"amqp://127.0.0.1\"", "amqp"),
+            ("type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"", "kafka"),
+        ] {
+            let (config, problems) = parse(text);
+            assert_eq!(problems, Vec::<String>::new(), "{text}");
+            assert_eq!(config.expect(text).kind(), kind);
         }
     }
 
-    /// Starts the adapter. Connecting happens in the background: a broker that is down at start
-    /// makes the backend report `Down` and retry, it does not stop the gateway.
-    pub async fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
-        match self {
-            BackendConfig::Memory(c) => Ok(Arc::new(memory::MemoryBackend::new(c, cx))),
-            BackendConfig::Mqtt(c) => Ok(Arc::new(mqtt::MqttBackend::start(c, cx)?)),
-            BackendConfig::Amqp(c) => Ok(Arc::new(amqp::AmqpBackend::new(c, cx)?)),
-            BackendConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaBackend::new(c, cx)?)),
-        }
+    #[test]
+    fn a_missing_or_unknown_type_lists_the_kinds() {
+        let (_, problems) = parse("url = \"x\"");
+        assert_eq!(
+            problems,
+            ["backends.b.type: missing; one of: memory, mqtt, amqp, kafka"]
+        );
+        let (_, problems) = parse("type = \"plasma\"");
+        assert_eq!(
+            problems,
+            ["backends.b.type: unknown backend type \"plasma\"; one of: memory, mqtt, amqp, kafka"]
+        );
+        let (_, problems) = parse("type = 3");
+        assert_eq!(problems, ["backends.b.type: must be a string"]);
+    }
+
+    #[test]
+    fn capabilities_are_declared_by_each_kind() {
+        let caps = |text: &str| parse(text).0.unwrap().capabilities();
+        assert!(!caps("type = \"memory\"").replay);
+        assert!(caps("type = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"").retained);
+        let kafka = caps("type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"");
+        assert!(kafka.keys && kafka.replay && kafka.partitions && !kafka.retained);
     }
 }

@@ -82,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             config.server.listen = "127.0.0.1:0".parse()?;
             // The benchmark is one client publishing fast to many sockets from one address.
-            config.limits = wsbridge::server::limits::LimitsConfig::unlimited();
+            config.limits = wsbridge::limits::LimitsConfig::unlimited();
             config.server.queue_capacity = config.server.queue_capacity.max(4096);
             let gw = wsbridge::Gateway::start(config).await?;
             let deadline = Instant::now() + Duration::from_secs(30);

@@ -4,8 +4,14 @@
 //! reference-counted by the sockets on it: the first subscriber creates it at the backend, the
 //! last one to leave releases it. Broker messages flow backend → [`upstream::Fanout`] → outboxes
 //! without passing through the hub. Publishes are routed, authorised and transformed here, then
-//! handed to the backend. The hub also turns backend health changes into `status` frames.
+//! handed to the backend. The hub also turns backend health changes into [`Status`] events.
+//!
+//! The core never names a broker or a wire format: backends are [`Backend`]s with declared
+//! [`Capabilities`], and every subscriber brings the [`Encoding`] of its edge.
 
+pub mod encoding;
+pub mod outbox;
+pub mod status;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -16,15 +22,18 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, Principal};
+use crate::auth::{self, Policy, Principal};
 use crate::backends::{
-    Backend, BackendError, Health, Publish, PublishReceipt, StartPosition, Subscription, UpstreamId,
+    Backend, BackendError, Capabilities, Health, Publish, PublishReceipt, StartPosition,
+    Subscription, UpstreamId,
 };
 use crate::config::Operation;
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::routing::{ChannelPattern, Route, Router};
-use crate::session::protocol::{Reply, Status};
 use crate::transform::ClientPayload;
+pub use encoding::{Delivery, Encoding, Frame};
+pub use outbox::Outbox;
+pub use status::Status;
 use upstream::{Fanout, Member};
 
 /// A request the core refused or a backend failed, with its documented client error code.
@@ -62,10 +71,27 @@ impl From<BackendError> for RequestError {
     }
 }
 
+/// A running backend as the hub knows it.
+pub struct BackendHandle {
+    /// Its name in the config.
+    pub name: String,
+    /// Its `type`, for messages.
+    pub kind: &'static str,
+    pub capabilities: Capabilities,
+    pub backend: Arc<dyn Backend>,
+}
+
 struct BackendSlot {
-    name: String,
-    backend: Arc<dyn Backend>,
+    handle: BackendHandle,
     metrics: BackendMetrics,
+}
+
+impl std::ops::Deref for BackendSlot {
+    type Target = BackendHandle;
+
+    fn deref(&self) -> &BackendHandle {
+        &self.handle
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -108,7 +134,8 @@ pub struct PreparedPublish {
 
 /// The fan-out core shared by every connection.
 pub struct Hub {
-    router: Router,
+    router: Arc<Router>,
+    policy: Arc<Policy>,
     backends: Vec<BackendSlot>,
     upstreams: Mutex<HashMap<UpstreamKey, Arc<Upstream>>>,
     next_id: AtomicU64,
@@ -119,21 +146,22 @@ pub struct Hub {
 impl Hub {
     /// A hub over built backends, given in the router's backend order.
     pub fn new(
-        router: Router,
-        backends: Vec<(String, Arc<dyn Backend>)>,
+        router: Arc<Router>,
+        policy: Arc<Policy>,
+        backends: Vec<BackendHandle>,
         request_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         let backends = backends
             .into_iter()
-            .map(|(name, backend)| BackendSlot {
-                metrics: metrics.backend(&name),
-                name,
-                backend,
+            .map(|handle| BackendSlot {
+                metrics: metrics.backend(&handle.name),
+                handle,
             })
             .collect();
         Hub {
             router,
+            policy,
             backends,
             upstreams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -174,9 +202,20 @@ impl Hub {
         start: StartPosition,
         principal: &Principal,
     ) -> Result<SubscriptionHandle, RequestError> {
-        let resolved = auth::authorize(&self.router, principal, Operation::Subscribe, &pattern)?;
+        let resolved =
+            self.policy
+                .authorize(&self.router, principal, Operation::Subscribe, &pattern)?;
         let route = resolved.route;
         let slot = &self.backends[route.backend];
+        if start != StartPosition::Latest && !slot.capabilities.replay {
+            return Err(RequestError::new(
+                "unsupported",
+                format!(
+                    "{} backend {:?} keeps no message history; only \"from\": \"latest\" is possible",
+                    slot.kind, slot.name
+                ),
+            ));
+        }
         let private = match start {
             StartPosition::Latest => 0,
             _ => self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -205,9 +244,9 @@ impl Hub {
             upstream.fanout.add(&route, &pattern, member);
             (upstream.clone(), shared)
         };
-        if shared {
+        if shared && slot.capabilities.retained {
             // The broker sends nothing new for a client joining an existing upstream; the
-            // backend may hand it what the broker would have (e.g. MQTT retained messages).
+            // backend hands it what the broker would have (MQTT retained messages).
             let sink = upstream.fanout.member_sink(&route, &pattern, session);
             slot.backend.joined(upstream.id, sink);
         }
@@ -254,7 +293,9 @@ impl Hub {
 
     /// Whether `principal` may still hold a subscription to `pattern` (after a token refresh).
     pub fn may_subscribe(&self, principal: &Principal, pattern: &ChannelPattern) -> bool {
-        auth::authorize(&self.router, principal, Operation::Subscribe, pattern).is_ok()
+        self.policy
+            .authorize(&self.router, principal, Operation::Subscribe, pattern)
+            .is_ok()
     }
 
     /// Ends a connection's membership; the upstream is released with its last member.
@@ -306,8 +347,26 @@ impl Hub {
         headers: Vec<(String, String)>,
         partition: Option<i32>,
     ) -> Result<PreparedPublish, RequestError> {
-        let resolved = auth::authorize(&self.router, principal, Operation::Publish, channel)?;
+        let resolved =
+            self.policy
+                .authorize(&self.router, principal, Operation::Publish, channel)?;
         let route = &resolved.route;
+        let slot = &self.backends[route.backend];
+        let unsupported = |what: &str| {
+            RequestError::new(
+                "unsupported",
+                format!(
+                    "{} backend {:?} has no {what}; leave {what:?} out",
+                    slot.kind, slot.name
+                ),
+            )
+        };
+        if key.is_some() && !slot.capabilities.keys {
+            return Err(unsupported("key"));
+        }
+        if partition.is_some() && !slot.capabilities.partitions {
+            return Err(unsupported("partition"));
+        }
         let key = match (resolved.key, key) {
             (Some(routed), Some(given)) if routed != given => {
                 return Err(RequestError::new(
@@ -407,13 +466,13 @@ impl Hub {
         for (member, mut patterns) in sessions.into_values() {
             patterns.sort();
             patterns.dedup();
-            member.outbox.push_reply(Reply::Status(Status {
+            member.send_status(&Status {
                 code,
                 message: message.clone(),
                 backend: Some(name.clone()),
                 subscriptions: patterns,
                 ..Status::default()
-            }));
+            });
         }
     }
 

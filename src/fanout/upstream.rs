@@ -2,29 +2,28 @@
 //!
 //! A [`Fanout`] is the [`MessageSink`] a backend delivers to. Its subscribers are grouped by
 //! (route, client pattern); for each group a broker message is mapped back to a client channel,
-//! filtered against the pattern, transformed once and encoded once per protocol, and the encoded
-//! frame is pushed to every member's outbox. Pushing never blocks.
+//! filtered against the pattern, transformed once and encoded once per [`Encoding`], and the
+//! encoded frame is pushed to every member's outbox. Pushing never blocks.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::ws::Message;
-
+use super::encoding::{Delivery, Encoding, Frame, same_encoding};
+use super::outbox::{Outbox, Pushed};
+use super::status::Status;
 use crate::backends::{BrokerMessage, MessageSink, SubscriptionEvent};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::routing::{ChannelPattern, Route};
-use crate::session::outbox::{Outbox, Pushed};
-use crate::session::protocol::{Delivery, Protocol, Reply, Status};
 use crate::transform::{DecodeError, PayloadView};
 
-/// The `decode_error` status a JSON subscriber gets instead of a message it cannot be shown.
-fn decode_error_status(channel: &str, subscription: &str, error: &DecodeError) -> Reply {
-    Reply::Status(Status {
+/// The `decode_error` status a subscriber gets instead of a message it cannot be shown.
+fn decode_error_status(channel: &str, subscription: &str, error: &DecodeError) -> Status {
+    Status {
         code: "decode_error",
         message: format!("a message on {channel:?} was skipped: {error}"),
         subscriptions: vec![subscription.to_owned()],
         ..Status::default()
-    })
+    }
 }
 
 /// A connection subscribed through an upstream.
@@ -32,7 +31,15 @@ fn decode_error_status(channel: &str, subscription: &str, error: &DecodeError) -
 pub struct Member {
     pub session: u64,
     pub outbox: Arc<Outbox>,
-    pub protocol: Protocol,
+    /// How the connection's edge encodes what it receives.
+    pub encoding: &'static dyn Encoding,
+}
+
+impl Member {
+    /// Queues a status event for this connection, in its encoding.
+    pub fn send_status(&self, status: &Status) {
+        self.outbox.push_control(self.encoding.status(status));
+    }
 }
 
 struct Group {
@@ -108,7 +115,7 @@ impl Fanout {
                 if seen.insert(member.session) {
                     let mut status = status.clone();
                     status.subscriptions = vec![group.pattern.to_string()];
-                    member.outbox.push_reply(Reply::Status(status));
+                    member.send_status(&status);
                 }
             }
         }
@@ -146,35 +153,36 @@ impl Fanout {
             message,
         };
         // The client-side view (a Protobuf decode, for example) is computed at most once per
-        // group and only when a member's protocol needs it; frames once per protocol.
+        // group and only when a member's encoding wants it; frames once per encoding.
         let mut view: Option<Result<PayloadView, DecodeError>> = None;
-        let mut encoded: [Option<Message>; Protocol::COUNT] = Default::default();
+        let mut encoded = FrameCache::default();
         for member in &group.members {
             if only.is_some_and(|session| session != member.session) {
                 continue;
             }
-            let slot = &mut encoded[member.protocol.index()];
-            if slot.is_none() {
-                let payload_view = if member.protocol.needs_payload_view() {
-                    let view =
-                        view.get_or_insert_with(|| group.route.format.to_client(&message.payload));
-                    match view {
-                        Ok(v) => Some(&*v),
-                        Err(e) => {
-                            member.outbox.push_reply(decode_error_status(
-                                &channel,
-                                group.pattern.as_str(),
-                                e,
-                            ));
-                            continue;
+            let frame = match encoded.get(member.encoding) {
+                Some(frame) => frame,
+                None => {
+                    let frame = if member.encoding.wants_payload_view() {
+                        let view = view
+                            .get_or_insert_with(|| group.route.format.to_client(&message.payload));
+                        match view {
+                            Ok(v) => Some(member.encoding.delivery(&delivery, Some(&*v))),
+                            Err(_) => None,
                         }
-                    }
-                } else {
-                    None
-                };
-                *slot = Some(member.protocol.encode_delivery(&delivery, payload_view));
-            }
-            let Some(frame) = slot.clone() else { continue };
+                    } else {
+                        Some(member.encoding.delivery(&delivery, None))
+                    };
+                    encoded.insert(member.encoding, frame.clone());
+                    frame
+                }
+            };
+            let Some(frame) = frame else {
+                if let Some(Err(e)) = &view {
+                    member.send_status(&decode_error_status(&channel, group.pattern.as_str(), e));
+                }
+                continue;
+            };
             match member.outbox.push_message(frame, group.route.slow_consumer) {
                 Pushed::Queued => self.metrics.deliveries.inc(),
                 Pushed::DroppedOldest => {
@@ -243,6 +251,32 @@ impl MessageSink for Fanout {
         };
         let mut seen = HashSet::new();
         self.notify(&status, &mut seen);
+    }
+}
+
+/// The frames made for one group and one message, by encoding (`None`: not deliverable in it).
+/// Few encodings exist, so the first ones are held inline without allocating.
+#[derive(Default)]
+struct FrameCache {
+    inline: [Option<(&'static dyn Encoding, Option<Frame>)>; 4],
+    more: Vec<(&'static dyn Encoding, Option<Frame>)>,
+}
+
+impl FrameCache {
+    fn get(&self, encoding: &'static dyn Encoding) -> Option<Option<Frame>> {
+        self.inline
+            .iter()
+            .map_while(Option::as_ref)
+            .chain(self.more.iter())
+            .find(|(e, _)| same_encoding(*e, encoding))
+            .map(|(_, frame)| frame.clone())
+    }
+
+    fn insert(&mut self, encoding: &'static dyn Encoding, frame: Option<Frame>) {
+        match self.inline.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some((encoding, frame)),
+            None => self.more.push((encoding, frame)),
+        }
     }
 }
 

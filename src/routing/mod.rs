@@ -1,14 +1,16 @@
 //! Routing: which backend and topic serve a client channel, and how topics map back.
 //!
 //! Routes are compiled once from the config. A client channel or pattern is matched against them
-//! in order; the first route whose channel template covers it decides backend, topic and
-//! permissions. The reverse direction ([`Route::channel_for`]) turns a broker topic (and key) into
-//! the client channel a subscriber sees.
+//! in order; the first route whose channel template covers it decides backend, topic and the
+//! operations allowed. The reverse direction ([`Route::channel_for`]) turns a broker topic (and
+//! key) into the client channel a subscriber sees.
+//!
+//! Routing knows backends only as [`BackendTarget`]s: a name, the topic syntax the backend
+//! declares and whether its messages have keys. It never names a broker.
 
 mod pattern;
 mod template;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use pattern::{ChannelError, ChannelPattern, MAX_CHANNEL_LEN, MAX_LEVELS, PatternLevel};
@@ -17,8 +19,6 @@ pub use template::{
     RenderError, RenderedTopic, TopicSyntax, TopicTemplate,
 };
 
-use crate::auth::rules::Rule;
-use crate::backends::BackendConfig;
 use crate::config::{ConfigProblem, Operation, RouteConfig, SlowConsumerPolicy};
 use crate::transform::{ClientPayload, JsonSchema, PayloadError, PayloadFormat, Schemas};
 
@@ -39,10 +39,6 @@ pub struct Route {
     pub format: PayloadFormat,
     /// Schema client publishes must match (checked on their JSON form).
     pub json_schema: Option<JsonSchema>,
-    /// Extra condition for subscribing (see [`crate::auth::rules`]).
-    pub subscribe_if: Option<Rule>,
-    /// Extra condition for publishing.
-    pub publish_if: Option<Rule>,
 }
 
 impl Route {
@@ -101,6 +97,18 @@ pub enum RouteError {
     Render { channel: String, error: RenderError },
 }
 
+/// What routing needs to know of a backend to compile the routes that name it.
+#[derive(Debug, Clone)]
+pub struct BackendTarget {
+    pub name: String,
+    /// Its `type`, for messages.
+    pub kind: &'static str,
+    /// How it spells topics.
+    pub syntax: TopicSyntax,
+    /// Whether its messages have keys, so routes to it may have a `key` template.
+    pub keys: bool,
+}
+
 /// The ordered list of compiled routes.
 #[derive(Debug)]
 pub struct Router {
@@ -108,29 +116,23 @@ pub struct Router {
 }
 
 impl Router {
-    /// Compiles validated route configs; `backends` lists backend names in gateway order.
-    pub fn build(
-        routes: &[RouteConfig],
-        backends: &BTreeMap<String, BackendConfig>,
-        schemas: &Schemas,
-    ) -> Result<Router, Vec<ConfigProblem>> {
-        let mut problems = Vec::new();
-        let compiled = compile_all(routes.iter().enumerate(), backends, schemas, &mut problems);
-        if problems.is_empty() {
-            Ok(Router { routes: compiled })
-        } else {
-            Err(problems)
-        }
-    }
-
-    /// Validates route configs against the backends, recording every problem.
-    pub fn check<'r>(
+    /// Compiles route configs (each with its index in config order) against the backends they
+    /// name, recording every problem under `routes[i].KEY`. Routes with problems are left out, so
+    /// a router is only used when `problems` stayed empty.
+    pub fn compile<'r>(
         routes: impl Iterator<Item = (usize, &'r RouteConfig)>,
-        backends: &BTreeMap<String, BackendConfig>,
+        backends: &[BackendTarget],
         schemas: &Schemas,
         problems: &mut Vec<ConfigProblem>,
-    ) {
-        compile_all(routes, backends, schemas, problems);
+    ) -> Router {
+        let mut compiled = Vec::new();
+        for (index, config) in routes {
+            let path = format!("routes[{index}]");
+            if let Some(route) = compile(index, config, backends, schemas, &path, problems) {
+                compiled.push(Arc::new(route));
+            }
+        }
+        Router { routes: compiled }
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -184,26 +186,10 @@ impl Router {
     }
 }
 
-fn compile_all<'r>(
-    routes: impl Iterator<Item = (usize, &'r RouteConfig)>,
-    backends: &BTreeMap<String, BackendConfig>,
-    schemas: &Schemas,
-    problems: &mut Vec<ConfigProblem>,
-) -> Vec<Arc<Route>> {
-    let mut compiled = Vec::new();
-    for (index, config) in routes {
-        let path = format!("routes[{index}]");
-        if let Some(route) = compile(index, config, backends, schemas, &path, problems) {
-            compiled.push(Arc::new(route));
-        }
-    }
-    compiled
-}
-
 fn compile(
     index: usize,
     config: &RouteConfig,
-    backends: &BTreeMap<String, BackendConfig>,
+    backends: &[BackendTarget],
     schemas: &Schemas,
     path: &str,
     problems: &mut Vec<ConfigProblem>,
@@ -231,12 +217,12 @@ fn compile(
         );
     }
 
-    let Some((backend_index, (_, backend))) = backends
+    let Some((backend_index, backend)) = backends
         .iter()
         .enumerate()
-        .find(|(_, (name, _))| **name == config.backend)
+        .find(|(_, b)| b.name == config.backend)
     else {
-        let defined: Vec<&str> = backends.keys().map(String::as_str).collect();
+        let defined: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
         let defined = if defined.is_empty() {
             "none".to_string()
         } else {
@@ -250,13 +236,13 @@ fn compile(
         return None;
     };
 
-    let topic = TopicTemplate::parse(&config.topic, backend.topic_syntax())
+    let topic = TopicTemplate::parse(&config.topic, backend.syntax)
         .map_err(|e| problem(problems, "topic", format!("{e} (in {:?})", config.topic)))
         .ok();
     let key = match &config.key {
         None => None,
-        Some(_) if !backend.supports_keys() => {
-            let message = format!("{} backends have no message keys", backend.type_name());
+        Some(_) if !backend.keys => {
+            let message = format!("{} backends have no message keys", backend.kind);
             problem(problems, "key", message);
             None
         }
@@ -264,7 +250,6 @@ fn compile(
             .map_err(|e| problem(problems, "key", format!("{e} (in {k:?})")))
             .ok(),
     };
-    backend.check_route(config, path, problems);
     let format = match &config.format {
         None => Some(PayloadFormat::Json),
         Some(text) => PayloadFormat::parse(text, schemas)
@@ -289,44 +274,9 @@ fn compile(
         );
     }
 
-    let mut rule = |key: &str, source: &Option<String>, op: Operation| -> Option<Rule> {
-        let source = source.as_ref()?;
-        if !config.allow.contains(&op) {
-            problem(
-                problems,
-                key,
-                format!("is set but allow does not include {op:?}").to_lowercase(),
-            );
-        }
-        match Rule::parse(source) {
-            Ok(rule) => Some(rule),
-            Err(e) => {
-                problem(problems, key, format!("{e} (in {source:?})"));
-                None
-            }
-        }
-    };
-    let subscribe_if = rule("subscribe_if", &config.subscribe_if, Operation::Subscribe);
-    let publish_if = rule("publish_if", &config.publish_if, Operation::Publish);
-
     let (channel, topic) = (channel?, topic?);
     for (key_name, message) in check_placeholders(&channel, &topic, key.as_ref()) {
         problem(problems, key_name, message);
-    }
-    let names: Vec<String> = channel
-        .placeholders()
-        .map(|p| p.key().into_owned())
-        .collect();
-    for (key_name, rule) in [("subscribe_if", &subscribe_if), ("publish_if", &publish_if)] {
-        for var in rule.iter().flat_map(|r| r.vars()) {
-            if !names.iter().any(|n| n == var) {
-                problem(
-                    problems,
-                    key_name,
-                    format!("{{{var}}} is not a placeholder of the channel template {channel}"),
-                );
-            }
-        }
     }
     if problems.len() != before {
         return None;
@@ -344,8 +294,6 @@ fn compile(
         slow_consumer: config.slow_consumer,
         format: format?,
         json_schema,
-        subscribe_if,
-        publish_if,
     })
 }
 
@@ -406,12 +354,28 @@ fn check_placeholders(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn router(routes: &str) -> Router {
-        let text = format!("[backends.local]\ntype = \"memory\"\n{routes}");
-        let config = Config::from_toml_with_env(&text, &|_| None).unwrap();
-        Router::build(&config.routes, &config.backends, &config.schemas).unwrap()
+        #[derive(serde::Deserialize)]
+        struct File {
+            routes: Vec<RouteConfig>,
+        }
+        let file: File = toml::from_str(routes).unwrap();
+        let local = BackendTarget {
+            name: "local".into(),
+            kind: "memory",
+            syntax: TopicSyntax::SLASH,
+            keys: false,
+        };
+        let mut problems = Vec::new();
+        let router = Router::compile(
+            file.routes.iter().enumerate(),
+            &[local],
+            &Schemas::empty(),
+            &mut problems,
+        );
+        assert_eq!(problems, vec![]);
+        router
     }
 
     fn resolve(router: &Router, pattern: &str) -> Result<(usize, String), RouteError> {

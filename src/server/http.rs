@@ -12,10 +12,11 @@ use axum::routing::get;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::limits::ConnectionPermit;
+use super::ServerConfig;
 use crate::auth::SUBPROTOCOL_TOKEN_PREFIX;
-use crate::session::protocol::Protocol;
-use crate::session::{self, SessionContext};
+use crate::edge::ws::protocol::Protocol;
+use crate::edge::ws::{self, SessionContext};
+use crate::limits::ConnectionPermit;
 
 /// Read buffer per connection. tungstenite's default (128 KiB, allocated up front) would make
 /// every idle connection cost that much; larger messages still arrive, in more reads.
@@ -35,6 +36,8 @@ pub struct Peer {
 #[derive(Clone)]
 pub struct AppState {
     pub cx: SessionContext,
+    /// The `[server]` table.
+    pub server: Arc<ServerConfig>,
     /// Tracks upgraded sockets, which run outside the HTTP connection that carried them.
     pub tracker: TaskTracker,
     pub next_session: Arc<AtomicU64>,
@@ -60,7 +63,7 @@ async fn upgrade(
     if cx.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    if let Some(allowed) = &cx.config.allowed_origins
+    if let Some(allowed) = &state.server.allowed_origins
         && let Some(origin) = headers.get(header::ORIGIN)
     {
         let origin = origin.to_str().unwrap_or_default();
@@ -121,7 +124,7 @@ async fn upgrade(
         None => ws,
     };
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let config = &cx.config;
+    let config = &state.server;
     let cx = cx.clone();
     let token = state.tracker.token();
     ws.read_buffer_size(READ_BUFFER_SIZE)
@@ -136,7 +139,7 @@ async fn upgrade(
             let span = tracing::debug_span!("session", id, peer = %peer.addr, %subject);
             async move {
                 tracing::debug!("connected");
-                session::run(socket, id, protocol, verified, cx).await;
+                ws::run(socket, id, protocol, verified, cx).await;
                 metrics.connections.dec();
                 drop(peer);
                 drop(token);

@@ -1,12 +1,13 @@
 //! The listener: accepts TCP connections, serves HTTP on them and upgrades `/ws` to sessions.
 //!
-//! The accept loop is our own (not `axum::serve`) so that it can bound the time a client takes to
-//! send its request head, count and track every upgraded socket, and shut down gracefully:
-//! stop accepting, send close 1001 to every client, wait up to `server.shutdown_grace`, close the
-//! backends.
+//! The accept loop is our own (not `axum::serve`) so that it can check connection limits before
+//! any HTTP is read, bound the time a client takes to send its request head, count and track
+//! every upgraded socket, and shut down gracefully: stop accepting, send close 1001 to every
+//! client, wait up to `server.shutdown_grace`, close the backends. It owns the `[server]` table
+//! ([`ServerConfig`]) and TLS ([`tls`]).
 
+pub mod config;
 mod http;
-pub mod limits;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -17,143 +18,33 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
-use crate::backends::BuildContext;
-use crate::config::Config;
-use crate::fanout::Hub;
-use crate::metrics::Metrics;
-use crate::routing::Router;
-use crate::session::SessionContext;
-use limits::ConnectionLimits;
+pub use config::ServerConfig;
 
-/// Why the gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid configuration:\n{0}")]
-    Config(#[from] crate::config::ConfigError),
-    #[error("backend {name}: {source}")]
-    Backend {
-        name: String,
-        source: crate::backends::BackendError,
-    },
-    #[error("{0}")]
-    Auth(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
+use crate::edge::ws::{SessionContext, SessionSettings};
+use crate::limits::{ConnectionLimits, ConnectionPermit};
 
-/// A started gateway.
-pub struct Gateway {
-    local_addr: SocketAddr,
-    shutdown: CancellationToken,
-    hub: Arc<Hub>,
-    task: JoinHandle<()>,
-}
-
-impl Gateway {
-    /// Builds the backends, binds the listener and starts serving.
-    pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        // Brokers' TLS clients and our listener may pull in different rustls providers; pick one
-        // for the whole process so no rustls user panics for want of a default.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let authenticator = Arc::new(Authenticator::new(&config.auth).map_err(StartError::Auth)?);
-        let tls = config
-            .server
-            .tls
-            .as_ref()
-            .map(|t| t.acceptor())
-            .transpose()
-            .map_err(StartError::Tls)?;
-        let router = Router::build(&config.routes, &config.backends, &config.schemas)
-            .map_err(|problems| StartError::Config(crate::config::ConfigError { problems }))?;
-        let mut backends = Vec::with_capacity(config.backends.len());
-        for (name, backend_config) in &config.backends {
-            let routes = config
-                .routes
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.backend == *name)
-                .collect();
-            let backend = backend_config
-                .build(BuildContext { name, routes })
-                .await
-                .map_err(|source| StartError::Backend {
-                    name: name.clone(),
-                    source,
-                })?;
-            backends.push((name.clone(), backend));
+impl ServerConfig {
+    /// The settings each WebSocket session runs with.
+    pub fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            max_message_size: self.max_message_size,
+            max_subscriptions: self.max_subscriptions,
+            queue_capacity: self.queue_capacity,
+            max_inflight_publishes: self.max_inflight_publishes,
+            shutdown_grace: self.shutdown_grace,
         }
-        let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(
-            router,
-            backends,
-            config.server.request_timeout,
-            metrics,
-        ));
-
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
-
-        let shutdown = CancellationToken::new();
-        tokio::spawn(hub.clone().watch_health(shutdown.clone()));
-        authenticator.spawn_jwks_refresh(shutdown.clone());
-        if !authenticator.is_enabled() && !local_addr.ip().is_loopback() {
-            tracing::warn!(
-                %local_addr,
-                "listening on a non-loopback address without authentication (auth.mode = \"none\"): anyone who can reach it may use every route"
-            );
-        }
-        let cx = SessionContext {
-            hub: hub.clone(),
-            config: Arc::new(config.server.clone()),
-            limits: Arc::new(config.limits.clone()),
-            auth: authenticator,
-            shutdown: shutdown.clone(),
-        };
-        let limits = Arc::new(ConnectionLimits::new(&config.limits));
-        let scheme = if tls.is_some() { "wss" } else { "ws" };
-        let task = tokio::spawn(serve(listener, cx, limits, tls));
-        tracing::info!(%local_addr, "wsbridge listening; WebSocket endpoint at {scheme}://{local_addr}/ws");
-        Ok(Gateway {
-            local_addr,
-            shutdown,
-            hub,
-            task,
-        })
-    }
-
-    /// The bound address (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
-    }
-
-    /// Shuts down gracefully: clients get close 1001 and up to `server.shutdown_grace` to go.
-    pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
     }
 }
 
-async fn serve(
+/// Serves connections from `listener` until `cx.shutdown` is cancelled, then closes every
+/// client (1001, up to `shutdown_grace`) and the backends.
+pub async fn serve(
     listener: TcpListener,
+    config: Arc<ServerConfig>,
     cx: SessionContext,
     limits: Arc<ConnectionLimits>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -161,6 +52,7 @@ async fn serve(
     let tracker = TaskTracker::new();
     let state = http::AppState {
         cx: cx.clone(),
+        server: config.clone(),
         tracker: tracker.clone(),
         next_session: Arc::new(AtomicU64::new(1)),
     };
@@ -199,15 +91,16 @@ async fn serve(
         let app = app.clone();
         let cx = cx.clone();
         let tls = tls.clone();
+        let timeout = config.handshake_timeout;
         tracker.spawn(async move {
             match tls {
-                None => serve_connection(stream, peer, permit, app, cx).await,
+                None => serve_connection(stream, peer, permit, app, cx, timeout).await,
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(cx.config.handshake_timeout, acceptor.accept(stream))
-                            .await;
+                    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
                     match handshake {
-                        Ok(Ok(stream)) => serve_connection(stream, peer, permit, app, cx).await,
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, permit, app, cx, timeout).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -217,7 +110,7 @@ async fn serve(
     }
     drop(listener);
     tracker.close();
-    let grace = cx.config.shutdown_grace + std::time::Duration::from_millis(500);
+    let grace = config.shutdown_grace + std::time::Duration::from_millis(500);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             remaining = tracker.len(),
@@ -232,9 +125,10 @@ async fn serve(
 async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
-    permit: limits::ConnectionPermit,
+    permit: ConnectionPermit,
     app: axum::Router,
     cx: SessionContext,
+    handshake_timeout: std::time::Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -246,7 +140,7 @@ async fn serve_connection<I>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(cx.config.handshake_timeout);
+        .header_read_timeout(handshake_timeout);
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

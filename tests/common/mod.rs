@@ -43,7 +43,7 @@ pub async fn start(config: &str) -> Gateway {
 
 /// A gateway on the embedded default configuration.
 pub async fn start_default() -> Gateway {
-    start(wsbridge::config::DEFAULT_CONFIG).await
+    start(wsbridge::DEFAULT_CONFIG).await
 }
 
 pub fn ws_url(addr: SocketAddr) -> String {

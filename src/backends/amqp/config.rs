@@ -11,7 +11,7 @@ use std::time::Duration;
 use lapin::uri::AMQPUri;
 use serde::Deserialize;
 
-use crate::config::{ConfigProblem, RouteConfig, deserialize_section};
+use crate::config::{ConfigProblem, Operation, RouteConfig, deserialize_section};
 
 /// `[backends.NAME]` with `type = "amqp"`.
 #[derive(Clone, Deserialize)]
@@ -311,11 +311,6 @@ fn widest_binding_key(topic: &str) -> String {
 }
 
 impl AmqpConfig {
-    /// Checks the AMQP options of a route (`path` is the route's path).
-    pub fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
-        let _ = self.route_spec(route, path, problems);
-    }
-
     /// The validated spec of a route, or `None` after recording its problems.
     pub fn route_spec(
         &self,
@@ -354,7 +349,7 @@ impl AmqpConfig {
                 ),
             );
         }
-        let subscribes = route.allow.contains(&crate::config::Operation::Subscribe);
+        let subscribes = route.allow.contains(&Operation::Subscribe);
         let binding_key = widest_binding_key(&route.topic);
         if binding_key.len() > 255 {
             problem(
@@ -398,7 +393,7 @@ impl AmqpConfig {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
+    use crate::gateway::Config;
 
     fn problems(text: &str) -> Vec<String> {
         match Config::from_toml_with_env(text, &|_| None) {
@@ -423,7 +418,7 @@ mod tests {
         );
         assert_eq!(problems(&text), Vec::<String>::new());
         let config = Config::from_toml_with_env(&text, &|_| None).unwrap();
-        let rendered = format!("{:?}", config.backends["rabbit"]);
+        let rendered = format!("{:?}", config.backends()["rabbit"]);
         assert!(rendered.contains("guest:***@127.0.0.1"), "{rendered}");
         assert!(!rendered.contains("guest:guest"), "{rendered}");
     }
@@ -432,7 +427,7 @@ mod tests {
     fn the_example_config_is_valid() {
         let text = include_str!("../../../config/amqp.toml");
         let config = Config::from_toml_with_env(text, &|_| None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.routes.len(), 4);
+        assert_eq!(config.routes().len(), 4);
     }
 
     #[test]

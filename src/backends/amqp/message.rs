@@ -12,7 +12,7 @@ use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::backends::{BackendError, BrokerMessage};
+use crate::backends::adapter::{BackendError, BrokerMessage};
 
 /// Delivery mode 2: a durable queue keeps the message across a broker restart.
 const PERSISTENT: u8 = 2;

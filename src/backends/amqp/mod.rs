@@ -48,10 +48,11 @@ use lapin::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Backend, BackendError, BuildContext, Health, Publish, PublishReceipt, StartPosition,
-    Subscription, UpstreamId,
+use super::adapter::{
+    Backend, BackendError, BackendSettings, BuildContext, Capabilities, Health, Kind, Publish,
+    PublishReceipt, Subscription, UpstreamId,
 };
+use crate::config::{ConfigProblem, RouteConfig};
 use crate::routing::TopicSyntax;
 pub use config::{AmqpConfig, ExchangeConfig, ExchangeType, RouteSpec};
 use registry::{Registry, Source};
@@ -65,6 +66,33 @@ pub const ROUTING_KEY: TopicSyntax = TopicSyntax {
     max_len: 255,
     value_char: |c| !matches!(c, '.' | '*' | '#') && !c.is_control(),
 };
+
+/// `type = "amqp"`.
+pub const KIND: Kind = Kind {
+    name: "amqp",
+    parse: |table, path, problems| {
+        AmqpConfig::from_section(table, path, problems)
+            .map(|c| Box::new(c) as Box<dyn BackendSettings>)
+    },
+};
+
+impl BackendSettings for AmqpConfig {
+    fn topic_syntax(&self) -> TopicSyntax {
+        ROUTING_KEY
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
+        let _ = self.route_spec(route, path, problems);
+    }
+
+    fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
+        Ok(Arc::new(AmqpBackend::new(self, cx)?))
+    }
+}
 
 /// How long closing the connection on shutdown may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -719,12 +747,6 @@ impl Session {
 impl Backend for AmqpBackend {
     async fn subscribe(&self, subscription: Subscription) -> Result<(), BackendError> {
         let shared = &self.shared;
-        if subscription.start != StartPosition::Latest {
-            return Err(BackendError::Unsupported(
-                "AMQP queues keep no history for new subscribers; only \"from\": \"latest\" is possible"
-                    .into(),
-            ));
-        }
         let source = shared
             .route(subscription.route)?
             .source(&subscription.filter)?;
@@ -759,16 +781,6 @@ impl Backend for AmqpBackend {
 
     async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError> {
         let shared = &self.shared;
-        if publish.partition.is_some() {
-            return Err(BackendError::Unsupported(
-                "AMQP exchanges have no partitions; leave \"partition\" out".into(),
-            ));
-        }
-        if publish.key.is_some() {
-            return Err(BackendError::Unsupported(
-                "AMQP messages have no key; leave \"key\" out or send it as a header".into(),
-            ));
-        }
         let spec = shared.route(publish.route)?;
         let exchange = message::short("exchange", &spec.exchange)?;
         let routing_key = message::short("routing key", &publish.topic)?;

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::backends::{MessageSink, UpstreamId};
+use crate::backends::adapter::{MessageSink, UpstreamId};
 
 /// Where an upstream's messages come from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -147,7 +147,7 @@ pub fn topic_matches(filter: &str, routing_key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::{BrokerMessage, SubscriptionEvent};
+    use crate::backends::adapter::{BrokerMessage, SubscriptionEvent};
 
     #[test]
     fn topic_matching_follows_rabbitmq() {

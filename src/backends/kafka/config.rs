@@ -364,7 +364,8 @@ pub fn check_route(route: &RouteConfig, path: &str, problems: &mut Vec<ConfigPro
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
+    use super::KafkaConfig;
+    use crate::gateway::Config;
 
     fn problems(backend: &str, route_extra: &str) -> Vec<String> {
         let text = format!(
@@ -384,9 +385,9 @@ mod tests {
         );
         let text = "[backends.events]\ntype = \"kafka\"\nbrokers = \"k:9092\"\n[[routes]]\nchannel = \"a/{x}\"\nbackend = \"events\"\ntopic = \"a.{x}\"\nkey = \"{x}\"\nallow = [\"publish\"]\n";
         let config = Config::from_toml_with_env(text, &|_| None).unwrap();
-        let crate::backends::BackendConfig::Kafka(k) = &config.backends["events"] else {
-            panic!("not kafka")
-        };
+        let k = config.backends()["events"]
+            .settings::<KafkaConfig>()
+            .expect("not kafka");
         assert_eq!(k.client_id, "wsbridge");
         assert_eq!(k.delivery_timeout, std::time::Duration::from_secs(5));
         assert_eq!(k.acks, super::Acks::All);
@@ -488,15 +489,15 @@ colour = "red"
     fn the_example_config_is_valid() {
         let text = include_str!("../../../config/kafka-dashboard.toml");
         let config = Config::from_toml_with_env(text, &|_| None).expect("valid example");
-        assert_eq!(config.backends["events"].type_name(), "kafka");
-        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.backends()["events"].kind(), "kafka");
+        assert_eq!(config.routes().len(), 2);
     }
 
     #[test]
     fn secrets_are_redacted_in_debug_output() {
         let text = "[backends.events]\ntype = \"kafka\"\nbrokers = \"k:9092\"\n[backends.events.properties]\n\"sasl.password\" = \"hunter2\"\n\"sasl.username\" = \"alice\"\n[[routes]]\nchannel = \"a/{x}\"\nbackend = \"events\"\ntopic = \"a.{x}\"\nallow = [\"publish\"]\n";
         let config = Config::from_toml_with_env(text, &|_| None).unwrap();
-        let shown = format!("{:?}", config.backends["events"]);
+        let shown = format!("{:?}", config.backends()["events"]);
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("alice"), "{shown}");
     }

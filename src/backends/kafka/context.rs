@@ -10,7 +10,7 @@ use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::watch;
 
-use crate::backends::Health;
+use crate::backends::adapter::Health;
 
 /// Shared by every client of one backend.
 #[derive(Clone)]

@@ -26,7 +26,7 @@ mod context;
 mod producer;
 mod reader;
 
-pub use config::{Acks, KAFKA_TOPIC, KafkaConfig, check_route};
+pub use config::{Acks, KAFKA_TOPIC, KafkaConfig};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -43,13 +43,48 @@ use rdkafka::producer::{FutureRecord, Producer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Backend, BackendError, BuildContext, Health, Position, Publish, PublishReceipt, StartPosition,
-    Subscription, SubscriptionEvent, UpstreamId,
+use super::adapter::{
+    Backend, BackendError, BackendSettings, BuildContext, Capabilities, Health, Kind, Position,
+    Publish, PublishReceipt, StartPosition, Subscription, SubscriptionEvent, UpstreamId,
 };
+use crate::config::{ConfigProblem, RouteConfig, deserialize_section};
+use crate::routing::TopicSyntax;
 use context::{KafkaContext, set_health};
 use producer::ProducerSlot;
 use reader::{AddError, LOOKUP_TIMEOUT, Reader, Sub};
+
+/// `type = "kafka"`.
+pub const KIND: Kind = Kind {
+    name: "kafka",
+    parse: |table, path, problems| {
+        deserialize_section::<KafkaConfig>(table, path, problems)
+            .inspect(|c| c.validate(path, problems))
+            .map(|c| Box::new(c) as Box<dyn BackendSettings>)
+    },
+};
+
+impl BackendSettings for KafkaConfig {
+    fn topic_syntax(&self) -> TopicSyntax {
+        KAFKA_TOPIC
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            keys: true,
+            replay: true,
+            partitions: true,
+            retained: false,
+        }
+    }
+
+    fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
+        config::check_route(route, path, problems);
+    }
+
+    fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
+        Ok(Arc::new(KafkaBackend::new(self, cx)?))
+    }
+}
 
 /// How often the broker is probed while it answers, and while it does not.
 const PROBE_UP: Duration = Duration::from_secs(2);
@@ -652,10 +687,11 @@ mod tests {
         let text = format!(
             "[backends.mock]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\n{extra}\n[[routes]]\nchannel = \"t/{{n}}\"\nbackend = \"mock\"\ntopic = \"{{n}}\"\nallow = [\"subscribe\"]\n"
         );
-        let config = crate::Config::from_toml_with_env(&text, &|_| None).expect("valid config");
-        let crate::backends::BackendConfig::Kafka(kafka) = &config.backends["mock"] else {
-            panic!("a kafka backend")
-        };
+        let config =
+            crate::gateway::Config::from_toml_with_env(&text, &|_| None).expect("valid config");
+        let kafka = config.backends()["mock"]
+            .settings::<KafkaConfig>()
+            .expect("a kafka backend");
         KafkaBackend::new(
             kafka,
             BuildContext {

@@ -29,7 +29,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use super::context::KafkaContext;
-use crate::backends::{BrokerMessage, MessageSink, Position, SubscriptionEvent, UpstreamId};
+use crate::backends::adapter::{
+    BrokerMessage, MessageSink, Position, SubscriptionEvent, UpstreamId,
+};
 
 /// How long one poll waits for a message; also the longest a command waits to be applied.
 const POLL: Duration = Duration::from_millis(50);

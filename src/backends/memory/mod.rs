@@ -12,15 +12,39 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{
-    Backend, BackendError, BrokerMessage, BuildContext, Health, MessageSink, Publish,
-    PublishReceipt, StartPosition, Subscription, UpstreamId,
+use super::adapter::{
+    Backend, BackendError, BackendSettings, BrokerMessage, BuildContext, Capabilities, Health,
+    Kind, MessageSink, Publish, PublishReceipt, Subscription, UpstreamId,
 };
-use crate::routing::ChannelPattern;
+use crate::config::deserialize_section;
+use crate::routing::{ChannelPattern, TopicSyntax};
+
+/// `type = "memory"`.
+pub const KIND: Kind = Kind {
+    name: "memory",
+    parse: |table, path, problems| {
+        deserialize_section::<MemoryConfig>(table, path, problems)
+            .map(|c| Box::new(c) as Box<dyn BackendSettings>)
+    },
+};
 
 /// `[backends.NAME]` with `type = "memory"`; it has no other keys.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct MemoryConfig {}
+
+impl BackendSettings for MemoryConfig {
+    fn topic_syntax(&self) -> TopicSyntax {
+        TopicSyntax::SLASH
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
+        Ok(Arc::new(MemoryBackend::new(self, cx)))
+    }
+}
 
 struct Entry {
     id: UpstreamId,
@@ -53,11 +77,6 @@ fn now_ms() -> i64 {
 #[async_trait]
 impl Backend for MemoryBackend {
     async fn subscribe(&self, subscription: Subscription) -> Result<(), BackendError> {
-        if subscription.start != StartPosition::Latest {
-            return Err(BackendError::Unsupported(
-                "the memory backend keeps no history; only \"from\": \"latest\" is possible".into(),
-            ));
-        }
         let filter = ChannelPattern::parse(&subscription.filter)
             .map_err(|e| BackendError::Failed(format!("invalid topic filter: {e}")))?;
         self.subscriptions
@@ -80,11 +99,6 @@ impl Backend for MemoryBackend {
     }
 
     async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError> {
-        if publish.partition.is_some() {
-            return Err(BackendError::Unsupported(
-                "the memory backend has no partitions".into(),
-            ));
-        }
         let message = BrokerMessage {
             topic: publish.topic,
             payload: publish.payload,

@@ -17,7 +17,7 @@ use rumqttc::v5::mqttbytes::v5 as packet5;
 use rumqttc::{TlsConfiguration, Transport};
 
 use super::config::{MqttConfig, ProtocolVersion, Qos, load_certificates, load_private_key};
-use crate::backends::{BackendError, BrokerMessage};
+use crate::backends::adapter::{BackendError, BrokerMessage};
 
 /// Requests queued for the event loop at most; beyond this, requests fail with
 /// `backend_unavailable` instead of waiting. The queue grows only as far as it is used.

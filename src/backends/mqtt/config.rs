@@ -441,7 +441,7 @@ impl RouteOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::gateway::Config;
 
     #[test]
     fn parses_broker_urls() {
@@ -495,9 +495,9 @@ mod tests {
         );
         let text = "[backends.plant]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\n[[routes]]\nchannel = \"#\"\nbackend = \"plant\"\ntopic = \"#\"\nallow = [\"subscribe\"]\n";
         let config = Config::from_toml_with_env(text, &|_| None).unwrap();
-        let crate::backends::BackendConfig::Mqtt(c) = &config.backends["plant"] else {
-            panic!("not an MQTT backend");
-        };
+        let c = config.backends()["plant"]
+            .settings::<MqttConfig>()
+            .expect("not an MQTT backend");
         assert_eq!(c.protocol, ProtocolVersion::V5);
         assert_eq!(c.keep_alive, Duration::from_secs(30));
         assert_eq!(c.unavailable_wait, Duration::ZERO);

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{self, Client, EventLoop, Granted, Incoming, LinkEvent};
 use super::config::{ProtocolVersion, Qos};
 use super::table::{EntryState, Table, filter_matches};
-use crate::backends::{BackendError, Health};
+use crate::backends::adapter::{BackendError, Health};
 
 /// Resolved with the broker's answer to one publish.
 pub type PublishWaiter = oneshot::Sender<Result<(), BackendError>>;
@@ -465,8 +465,8 @@ fn out_of_step(sent: &str, expected: Option<Expect>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::adapter::{BrokerMessage, MessageSink, SubscriptionEvent};
     use crate::backends::mqtt::config::MqttConfig;
-    use crate::backends::{BrokerMessage, MessageSink, SubscriptionEvent};
 
     fn shared(protocol: &str) -> (Shared, EventLoop) {
         let config: MqttConfig = toml::from_str(&format!(

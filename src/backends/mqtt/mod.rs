@@ -41,11 +41,11 @@ use tracing::Instrument;
 
 pub use config::{MqttConfig, ProtocolVersion, Qos, RouteOptions};
 
-use super::{
-    Backend, BackendError, BuildContext, Health, MessageSink, Publish, PublishReceipt,
-    StartPosition, Subscription, UpstreamId,
+use super::adapter::{
+    Backend, BackendError, BackendSettings, BuildContext, Capabilities, Health, Kind, MessageSink,
+    Publish, PublishReceipt, Subscription, UpstreamId,
 };
-use crate::config::ConfigProblem;
+use crate::config::{ConfigProblem, RouteConfig};
 use crate::routing::TopicSyntax;
 use client::{Client, OutgoingPublish};
 use driver::{Backoff, Expect, Shared};
@@ -56,6 +56,35 @@ pub const MQTT_TOPIC: TopicSyntax = TopicSyntax {
     name: "MQTT topic",
     ..TopicSyntax::SLASH
 };
+
+/// `type = "mqtt"`.
+pub const KIND: Kind = Kind {
+    name: "mqtt",
+    parse: |table, path, problems| {
+        MqttConfig::parse(table, path, problems).map(|c| c as Box<dyn BackendSettings>)
+    },
+};
+
+impl BackendSettings for MqttConfig {
+    fn topic_syntax(&self) -> TopicSyntax {
+        MQTT_TOPIC
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            retained: true,
+            ..Capabilities::default()
+        }
+    }
+
+    fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
+        RouteOptions::parse(route, self.protocol, path, problems);
+    }
+
+    fn build(&self, cx: BuildContext<'_>) -> Result<Arc<dyn Backend>, BackendError> {
+        Ok(Arc::new(MqttBackend::start(self, cx)?))
+    }
+}
 
 /// How long `close` waits for the DISCONNECT to go out before dropping the connection.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -143,16 +172,6 @@ impl MqttBackend {
 #[async_trait]
 impl Backend for MqttBackend {
     async fn subscribe(&self, subscription: Subscription) -> Result<(), BackendError> {
-        if subscription.start != StartPosition::Latest {
-            return Err(BackendError::Unsupported(
-                "MQTT keeps no message history; only \"from\": \"latest\" is possible (retained messages arrive on their own)".into(),
-            ));
-        }
-        if subscription.key.is_some() {
-            return Err(BackendError::Unsupported(
-                "MQTT messages have no key".into(),
-            ));
-        }
         let qos = self
             .routes
             .get(&subscription.route)
@@ -225,16 +244,6 @@ impl Backend for MqttBackend {
     }
 
     async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError> {
-        if publish.key.is_some() {
-            return Err(BackendError::Unsupported(
-                "MQTT messages have no key; leave \"key\" out".into(),
-            ));
-        }
-        if publish.partition.is_some() {
-            return Err(BackendError::Unsupported(
-                "MQTT topics have no partitions; leave \"partition\" out".into(),
-            ));
-        }
         if self.shared.protocol == ProtocolVersion::V311 && !publish.headers.is_empty() {
             return Err(BackendError::Unsupported(
                 "headers need MQTT 5 user properties, and this backend speaks MQTT 3.1.1".into(),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::config::Qos;
-use crate::backends::{BackendError, BrokerMessage, MessageSink, UpstreamId};
+use crate::backends::adapter::{BackendError, BrokerMessage, MessageSink, UpstreamId};
 
 /// Largest MQTT 5 subscription identifier (a variable byte integer).
 const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;

@@ -1,13 +1,12 @@
-//! The socket side: one client connection from upgrade to close.
+//! The WebSocket edge: one client connection from upgrade to close.
 //!
-//! A session is a reader and a writer over the same WebSocket. The reader decodes requests,
-//! runs subscribes and unsubscribes in order, starts publishes (up to
-//! `server.max_inflight_publishes` at once, each answered when its broker acknowledges it) and
-//! watches the idle timeout and the shutdown signal. The writer drains the connection's
-//! [`outbox::Outbox`] in batches (many frames, one flush) and sends keepalive pings. Both are
-//! written over `Sink + Stream`, so tests can drive a session without a network.
+//! A session is a reader and a writer over the same WebSocket, speaking one of the
+//! [`protocol::Protocol`]s. The reader decodes requests, runs subscribes and unsubscribes in
+//! order, starts publishes (up to `server.max_inflight_publishes` at once, each answered when
+//! its broker acknowledges it) and watches the idle timeout and the shutdown signal. The writer
+//! drains the connection's [`Outbox`] in batches (many frames, one flush) and sends keepalive
+//! pings. Both are written over `Sink + Stream`, so tests can drive a session without a network.
 
-pub mod outbox;
 pub mod protocol;
 
 use std::collections::HashMap;
@@ -23,13 +22,13 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, Principal, Verified};
-use crate::config::ServerConfig;
+use crate::edge::{PositionJson, ProtocolError, Reply, Request};
+use crate::fanout::outbox::{Drained, OutItem, Outbox};
 use crate::fanout::upstream::Member;
-use crate::fanout::{Hub, SubscriptionHandle};
+use crate::fanout::{Hub, Status, SubscriptionHandle};
+use crate::limits::{LimitsConfig, PublishLimiter};
 use crate::routing::ChannelPattern;
-use crate::server::limits::{LimitsConfig, PublishLimiter};
-use outbox::{Drained, OutItem, Outbox};
-use protocol::{PositionJson, Protocol, ProtocolError, Reply, Request, Status};
+use protocol::Protocol;
 
 /// Close code sent when a client message exceeds `server.max_message_size`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -41,11 +40,30 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// How long a closing connection waits for the client's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
+/// The per-connection settings (from the `[server]` table).
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Interval of WebSocket pings.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing for this long is closed with 1001.
+    pub idle_timeout: Duration,
+    /// Largest client message, in bytes.
+    pub max_message_size: usize,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Outgoing messages queued before the route's slow-consumer policy applies.
+    pub queue_capacity: usize,
+    /// Most publishes waiting for their broker acknowledgement at once.
+    pub max_inflight_publishes: usize,
+    /// On shutdown, how long the client gets to close after the 1001 close frame.
+    pub shutdown_grace: Duration,
+}
+
 /// Everything a session needs from the gateway.
 #[derive(Clone)]
 pub struct SessionContext {
     pub hub: Arc<Hub>,
-    pub config: Arc<ServerConfig>,
+    pub config: Arc<SessionSettings>,
     pub limits: Arc<LimitsConfig>,
     pub auth: Arc<Authenticator>,
     /// Cancelled when the gateway shuts down.
@@ -160,7 +178,7 @@ impl Session {
                     deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
                 }
                 _ = self.cx.shutdown.cancelled(), if !closing => {
-                    self.outbox.push_reply(Reply::Status(Status {
+                    self.outbox.push_control(self.protocol.status(&Status {
                         code: "shutting_down",
                         message: "the gateway is shutting down".into(),
                         ..Status::default()
@@ -170,7 +188,7 @@ impl Session {
                     deadline.as_mut().reset(Instant::now() + self.cx.config.shutdown_grace);
                 }
                 Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                    self.outbox.push_reply(reply);
+                    self.reply(&reply);
                 }
                 _ = expiry.as_mut(), if !closing => {
                     // A refresh may have moved the deadline since this timer was set.
@@ -234,29 +252,33 @@ impl Session {
         }
     }
 
+    fn reply(&self, reply: &Reply) {
+        self.outbox.push_control(self.protocol.reply(reply));
+    }
+
     async fn handle_frame(&mut self, frame: &Message, inflight: &mut Inflight) {
         let request = match self.protocol.decode(frame) {
             Ok(request) => request,
             Err(e) => {
-                self.outbox.push_reply(e.into_reply());
+                self.reply(&e.into_reply());
                 return;
             }
         };
         match request {
-            Request::Ping { id } => self.outbox.push_reply(Reply::Pong { id }),
+            Request::Ping { id } => self.reply(&Reply::Pong { id }),
             Request::Auth { id, token } => {
                 let reply = match self.refresh(&token).await {
                     Ok(()) => Reply::ok(id),
                     Err(e) => Reply::error(id, e.code, e.message),
                 };
-                self.outbox.push_reply(reply);
+                self.reply(&reply);
             }
             Request::Subscribe { id, channel, from } => {
                 let reply = match self.subscribe(&channel, from).await {
                     Ok(()) => Reply::ok(id),
                     Err(e) => Reply::error(id, e.code, e.message),
                 };
-                self.outbox.push_reply(reply);
+                self.reply(&reply);
             }
             Request::Unsubscribe { id, channel } => {
                 let reply = match self.subscriptions.remove(&channel) {
@@ -270,7 +292,7 @@ impl Session {
                         format!("no subscription to {channel:?} on this connection"),
                     ),
                 };
-                self.outbox.push_reply(reply);
+                self.reply(&reply);
             }
             Request::Publish {
                 id,
@@ -283,14 +305,12 @@ impl Session {
                 let channel = match ChannelPattern::parse_concrete(&channel) {
                     Ok(c) => c,
                     Err(e) => {
-                        self.outbox
-                            .push_reply(Reply::error(id, "invalid_channel", e.to_string()));
+                        self.reply(&Reply::error(id, "invalid_channel", e.to_string()));
                         return;
                     }
                 };
                 if let Err(message) = self.limiter.check(payload.len()) {
-                    self.outbox
-                        .push_reply(Reply::error(id, "rate_limited", message));
+                    self.reply(&Reply::error(id, "rate_limited", message));
                     return;
                 }
                 let prepared = self.cx.hub.prepare_publish(
@@ -302,7 +322,7 @@ impl Session {
                     partition,
                 );
                 match prepared {
-                    Err(e) => self.outbox.push_reply(Reply::error(id, e.code, e.message)),
+                    Err(e) => self.reply(&Reply::error(id, e.code, e.message)),
                     Ok(prepared) => {
                         let hub = self.cx.hub.clone();
                         inflight.push(Box::pin(async move {
@@ -360,7 +380,7 @@ impl Session {
             }
         }
         if !revoked.is_empty() {
-            self.outbox.push_reply(Reply::Status(Status {
+            self.outbox.push_control(self.protocol.status(&Status {
                 code: "subscription_revoked",
                 message: "the refreshed token no longer allows these subscriptions".into(),
                 subscriptions: revoked,
@@ -394,7 +414,7 @@ impl Session {
         let member = Member {
             session: self.id,
             outbox: self.outbox.clone(),
-            protocol: self.protocol,
+            encoding: self.protocol.encoding(),
         };
         let handle = self
             .cx
@@ -448,7 +468,7 @@ async fn write_loop<W>(
                 sink.feed(Message::Ping(Bytes::new())).await?;
             }
             if drained.dropped > 0 {
-                let status = Reply::Status(Status {
+                let status = protocol.status(&Status {
                     code: "messages_dropped",
                     message: format!(
                         "{} messages were dropped because this connection did not read fast enough",
@@ -457,14 +477,19 @@ async fn write_loop<W>(
                     count: Some(drained.dropped),
                     ..Status::default()
                 });
-                sink.feed(protocol.encode_reply(&status)).await?;
+                if let Some(message) = protocol.message(status) {
+                    sink.feed(message).await?;
+                }
             }
             for item in drained.items.drain(..) {
-                let frame = match item {
-                    OutItem::Message(frame) => frame,
-                    OutItem::Reply(reply) => protocol.encode_reply(&reply),
-                };
-                sink.feed(frame).await?;
+                let (OutItem::Message(frame) | OutItem::Control(frame)) = item;
+                match protocol.message(frame) {
+                    Some(message) => sink.feed(message).await?,
+                    None => tracing::error!(
+                        protocol = ?protocol,
+                        "dropped a frame that is not valid for this protocol"
+                    ),
+                }
             }
             if let Some(close) = &close {
                 sink.feed(Message::Close(Some(CloseFrame {

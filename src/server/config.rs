@@ -1,12 +1,12 @@
-//! The `[server]` table: listener address and per-connection limits.
+//! The `[server]` table: the listener, and the per-connection settings it hands to each session.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::ConfigProblem;
-use crate::server::tls::TlsConfig;
+use super::tls::TlsConfig;
+use crate::config::ConfigProblem;
 
 /// Largest `max_message_size` accepted.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 16 * 1024 * 1024;
@@ -68,7 +68,8 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub(super) fn validate(&self, problems: &mut Vec<ConfigProblem>) {
+    /// Records every problem of the table under `server.KEY`.
+    pub fn validate(&self, problems: &mut Vec<ConfigProblem>) {
         let mut positive = |key: &str, ok: bool| {
             if !ok {
                 problems.push(ConfigProblem::new(

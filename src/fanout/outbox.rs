@@ -1,8 +1,8 @@
 //! A connection's bounded outgoing queue.
 //!
-//! The fan-out pushes shared, already encoded message frames; the session pushes replies and
-//! status events. The connection's writer drains everything queued at once, writes it and flushes
-//! once. When messages reach the capacity, the route's [`SlowConsumerPolicy`] decides: drop the
+//! The fan-out pushes shared, already encoded message frames; the connection's edge pushes its
+//! control frames (replies and status events, encoded in the connection's format). The
+//! connection's writer drains everything queued at once, writes it and flushes once. When messages reach the capacity, the route's [`SlowConsumerPolicy`] decides: drop the
 //! oldest queued message (counted, and reported to the client in a `messages_dropped` status
 //! frame) or close the connection with 1008. Pushing never blocks, so a stalled client can never
 //! hold up a broker's event loop or another client.
@@ -10,10 +10,9 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use axum::extract::ws::Message;
 use tokio::sync::Notify;
 
-use super::protocol::Reply;
+use super::encoding::Frame;
 use crate::config::SlowConsumerPolicy;
 
 /// WebSocket close code for a slow consumer (policy violation).
@@ -23,9 +22,9 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 1008;
 #[derive(Debug)]
 pub enum OutItem {
     /// An encoded broker message, shared with other subscribers.
-    Message(Message),
-    /// A reply or status, encoded by the writer in the connection's protocol.
-    Reply(Reply),
+    Message(Frame),
+    /// A reply or status event for this connection; never dropped.
+    Control(Frame),
 }
 
 /// What [`Outbox::push_message`] did.
@@ -93,7 +92,7 @@ impl Outbox {
     }
 
     /// Queues a broker message, applying `policy` when the queue is full.
-    pub fn push_message(&self, frame: Message, policy: SlowConsumerPolicy) -> Pushed {
+    pub fn push_message(&self, frame: Frame, policy: SlowConsumerPolicy) -> Pushed {
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
@@ -134,9 +133,9 @@ impl Outbox {
         outcome
     }
 
-    /// Queues a reply or status frame. Replies are never dropped; a client that lets them pile
-    /// up to the capacity (by not reading) is disconnected as a slow consumer.
-    pub fn push_reply(&self, reply: Reply) {
+    /// Queues a reply or status frame. Control frames are never dropped; a client that lets them
+    /// pile up to the capacity (by not reading) is disconnected as a slow consumer.
+    pub fn push_control(&self, frame: Frame) {
         let mut state = self.lock();
         if state.close.is_some() {
             return;
@@ -147,7 +146,7 @@ impl Outbox {
                 reason: "slow consumer: replies are not being read".into(),
             });
         } else {
-            state.queue.push_back(OutItem::Reply(reply));
+            state.queue.push_back(OutItem::Control(frame));
             state.replies += 1;
         }
         drop(state);
@@ -207,19 +206,21 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::protocol::RequestId;
 
-    fn msg(n: u32) -> Message {
-        Message::Text(n.to_string().into())
+    fn msg(n: u32) -> Frame {
+        Frame::new(n.to_string())
+    }
+
+    fn reply(n: u32) -> Frame {
+        Frame::new(format!("reply {n}"))
     }
 
     fn texts(d: &Drained) -> Vec<String> {
         d.items
             .iter()
             .map(|i| match i {
-                OutItem::Message(Message::Text(t)) => t.to_string(),
-                OutItem::Reply(_) => "reply".into(),
-                other => format!("{other:?}"),
+                OutItem::Message(m) => String::from_utf8_lossy(m.bytes()).into_owned(),
+                OutItem::Control(_) => "reply".into(),
             })
             .collect()
     }
@@ -227,9 +228,7 @@ mod tests {
     #[test]
     fn drop_oldest_keeps_the_newest_and_counts() {
         let outbox = Outbox::new(3);
-        outbox.push_reply(Reply::Pong {
-            id: RequestId::Num(1.into()),
-        });
+        outbox.push_control(reply(1));
         for n in 0..5 {
             let pushed = outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest);
             assert_eq!(pushed == Pushed::Queued, n < 3, "message {n}");
@@ -266,9 +265,7 @@ mod tests {
     fn unread_replies_close_instead_of_growing() {
         let outbox = Outbox::new(2);
         for n in 0..3 {
-            outbox.push_reply(Reply::Pong {
-                id: RequestId::Num(n.into()),
-            });
+            outbox.push_control(reply(n));
         }
         assert!(outbox.is_closing());
         let mut d = Drained::default();

@@ -1,14 +1,89 @@
 //! The JSON protocol (`wsbridge.v1.json`): one JSON object per text frame.
+//!
+//! [`decode`] turns a client frame into a [`Request`]; [`JSON`] is the [`Encoding`] the core
+//! uses for this protocol's subscribers, and [`encode_reply`] answers requests.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Delivery, ProtocolError, Request, RequestId};
+use super::{ProtocolError, Reply, Request, RequestId};
 use crate::backends::StartPosition;
+use crate::fanout::{Delivery, Encoding, Frame, Status};
 use crate::transform::{ClientPayload, PayloadView};
+
+/// The JSON encoding of deliveries and status events.
+pub struct JsonEncoding;
+
+/// The one instance, which identifies the encoding to the core.
+pub static JSON: JsonEncoding = JsonEncoding;
+
+impl Encoding for JsonEncoding {
+    fn name(&self) -> &'static str {
+        "wsbridge.v1.json"
+    }
+
+    fn wants_payload_view(&self) -> bool {
+        true
+    }
+
+    fn delivery(&self, delivery: &Delivery<'_>, view: Option<&PayloadView>) -> Frame {
+        let fallback;
+        let view = match view {
+            Some(v) => v,
+            None => {
+                fallback = PayloadView::Binary(delivery.message.payload.clone());
+                &fallback
+            }
+        };
+        Frame::new(encode_delivery(delivery, view))
+    }
+
+    fn status(&self, status: &Status) -> Frame {
+        #[derive(Serialize)]
+        struct StatusFrame<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            code: &'static str,
+            message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            backend: Option<&'a str>,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            subscriptions: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            count: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            partition: Option<i32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            requested_offset: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            available_offset: Option<i64>,
+        }
+        to_frame(&StatusFrame {
+            kind: "status",
+            code: status.code,
+            message: &status.message,
+            backend: status.backend.as_deref(),
+            subscriptions: &status.subscriptions,
+            count: status.count,
+            partition: status.partition,
+            requested_offset: status.requested_offset,
+            available_offset: status.available_offset,
+        })
+    }
+}
+
+/// Encodes a reply.
+pub fn encode_reply(reply: &Reply) -> Frame {
+    to_frame(reply)
+}
+
+fn to_frame(value: &impl Serialize) -> Frame {
+    // These types hold only strings, integers and `serde_json` values, which always serialize.
+    Frame::new(serde_json::to_vec(value).unwrap_or_default())
+}
 
 fn some_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
@@ -39,7 +114,8 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
 }
 
-pub(super) fn decode_json<'a>(text: &'a str) -> Result<Request, ProtocolError> {
+/// Decodes one client frame.
+pub fn decode<'a>(text: &'a str) -> Result<Request, ProtocolError> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => ProtocolError::new(None, "invalid_frame", "a frame must be one JSON object"),
@@ -276,7 +352,7 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
-pub(super) fn encode_delivery_json(d: &Delivery<'_>, payload: &PayloadView) -> String {
+fn encode_delivery(d: &Delivery<'_>, payload: &PayloadView) -> Vec<u8> {
     let m = d.message;
     let mut out = Vec::with_capacity(payload.bytes().len() + d.channel.len() * 2 + 96);
     out.extend_from_slice(br#"{"type":"message","channel":"#);
@@ -327,7 +403,7 @@ pub(super) fn encode_delivery_json(d: &Delivery<'_>, payload: &PayloadView) -> S
         );
     }
     out.push(b'}');
-    String::from_utf8(out).expect("frame is built from UTF-8 pieces")
+    out
 }
 
 /// Headers as a JSON object; a name that repeats gets an array of its values, in order.
@@ -353,11 +429,6 @@ fn headers_json(headers: &[(String, String)]) -> serde_json::Map<String, serde_j
 mod tests {
     use super::*;
     use crate::backends::{BrokerMessage, Position};
-    use crate::session::protocol::{Reply, Status};
-
-    fn decode(text: &str) -> Result<Request, ProtocolError> {
-        decode_json(text)
-    }
 
     fn err(text: &str) -> (Option<RequestId>, &'static str, String) {
         let e = decode(text).unwrap_err();
@@ -469,7 +540,7 @@ mod tests {
             ..Default::default()
         };
         let frame = |payload: PayloadView| {
-            let text = encode_delivery_json(
+            let text = encode_delivery(
                 &Delivery {
                     channel: "c/\"q\"",
                     subscription: "c/#",
@@ -477,7 +548,7 @@ mod tests {
                 },
                 &payload,
             );
-            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+            serde_json::from_slice::<serde_json::Value>(&text).unwrap()
         };
         let v = frame(PayloadView::Json(Bytes::from_static(b"{\"x\": [1]}")));
         assert_eq!(v["type"], "message");
@@ -501,7 +572,7 @@ mod tests {
 
     #[test]
     fn replies_echo_the_id_as_sent() {
-        let text = |r: &Reply| serde_json::to_string(r).unwrap();
+        let text = |r: &Reply| String::from_utf8(encode_reply(r).into_bytes().to_vec()).unwrap();
         assert_eq!(
             text(&Reply::ok(RequestId::Num(3.into()))),
             r#"{"type":"ok","id":3}"#
@@ -510,14 +581,14 @@ mod tests {
             text(&Reply::error(RequestId::Str("a".into()), "no_route", "x")),
             r#"{"type":"error","id":"a","code":"no_route","message":"x"}"#
         );
-        let status = Reply::Status(Status {
+        let status = JSON.status(&Status {
             code: "messages_dropped",
             message: "m".into(),
             count: Some(3),
             ..Default::default()
         });
         assert_eq!(
-            text(&status),
+            String::from_utf8(status.into_bytes().to_vec()).unwrap(),
             r#"{"type":"status","code":"messages_dropped","message":"m","count":3}"#
         );
     }

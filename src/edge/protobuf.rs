@@ -5,9 +5,38 @@
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::{Delivery, ProtocolError, Reply, Request, RequestId, Status};
+use super::{ProtocolError, Reply, Request, RequestId};
 use crate::backends::StartPosition;
-use crate::transform::ClientPayload;
+use crate::fanout::{Delivery, Encoding, Frame, Status};
+use crate::transform::{ClientPayload, PayloadView};
+
+/// The Protobuf encoding of deliveries and status events: payloads are the broker's bytes.
+pub struct ProtobufEncoding;
+
+/// The one instance, which identifies the encoding to the core.
+pub static PROTOBUF: ProtobufEncoding = ProtobufEncoding;
+
+impl Encoding for ProtobufEncoding {
+    fn name(&self) -> &'static str {
+        "wsbridge.v1.protobuf"
+    }
+
+    fn wants_payload_view(&self) -> bool {
+        false
+    }
+
+    fn delivery(&self, delivery: &Delivery<'_>, _view: Option<&PayloadView>) -> Frame {
+        Frame::new(encode_delivery(delivery))
+    }
+
+    fn status(&self, status: &Status) -> Frame {
+        server_frame(server_frame::Frame::Status(status_envelope(status)))
+    }
+}
+
+fn server_frame(frame: server_frame::Frame) -> Frame {
+    Frame::new(envelope::ServerFrame { frame: Some(frame) }.encode_to_vec())
+}
 
 /// The envelope types generated from `schemas/wsbridge/v1/client.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -24,7 +53,8 @@ fn id_text(id: &RequestId) -> String {
     }
 }
 
-pub(super) fn decode(bytes: &[u8]) -> Result<Request, ProtocolError> {
+/// Decodes one client frame.
+pub fn decode(bytes: &[u8]) -> Result<Request, ProtocolError> {
     let frame = envelope::ClientFrame::decode(bytes).map_err(|e| {
         ProtocolError::new(
             None,
@@ -111,8 +141,9 @@ fn status_envelope(status: &Status) -> envelope::Status {
     }
 }
 
-pub(super) fn encode_reply(reply: &Reply) -> Bytes {
-    let frame = match reply {
+/// Encodes a reply.
+pub fn encode_reply(reply: &Reply) -> Frame {
+    server_frame(match reply {
         Reply::Ok { id, position } => server_frame::Frame::Ok(envelope::Ok {
             id: id_text(id),
             position: position.map(|p| envelope::Position {
@@ -126,12 +157,10 @@ pub(super) fn encode_reply(reply: &Reply) -> Bytes {
             message: message.clone(),
         }),
         Reply::Pong { id } => server_frame::Frame::Pong(envelope::Pong { id: id_text(id) }),
-        Reply::Status(status) => server_frame::Frame::Status(status_envelope(status)),
-    };
-    Bytes::from(envelope::ServerFrame { frame: Some(frame) }.encode_to_vec())
+    })
 }
 
-pub(super) fn encode_delivery(d: &Delivery<'_>) -> Bytes {
+fn encode_delivery(d: &Delivery<'_>) -> Bytes {
     let m = d.message;
     let frame = envelope::ServerFrame {
         frame: Some(server_frame::Frame::Message(envelope::Delivery {
@@ -164,7 +193,7 @@ pub(super) fn encode_delivery(d: &Delivery<'_>) -> Bytes {
 mod tests {
     use super::*;
     use crate::backends::{BrokerMessage, Position};
-    use crate::session::protocol::PositionJson;
+    use crate::edge::PositionJson;
 
     fn encode(frame: envelope::ClientFrame) -> Vec<u8> {
         frame.encode_to_vec()
@@ -247,7 +276,7 @@ mod tests {
                 offset: 2,
             }),
         });
-        let frame = envelope::ServerFrame::decode(reply).unwrap();
+        let frame = envelope::ServerFrame::decode(reply.into_bytes()).unwrap();
         assert!(matches!(
             frame.frame,
             Some(server_frame::Frame::Ok(envelope::Ok { id, position: Some(p) })) if id == "3" && p.offset == 2
