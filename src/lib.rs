@@ -21,8 +21,9 @@
 //! - [`transform`]: payload formats between broker bytes and client frames (JSON, text, binary,
 //!   Protobuf from `.proto` files loaded at start-up) and JSON Schema checks.
 //! - [`limits`]: the `[limits]` table: connection caps and per-connection publish rates.
-//! - [`config`] and [`metrics`]: leaves. Config problems with their key paths, section parsing,
-//!   `${VAR}` interpolation and the `[[routes]]` entries; per-instance Prometheus metrics.
+//! - [`config`], [`metrics`] and [`contain`]: leaves. Config problems with their key paths,
+//!   section parsing, `${VAR}` interpolation and the `[[routes]]` entries; per-instance
+//!   Prometheus metrics; panic containment at task boundaries.
 //!
 //! A broker message travels backend → [`fanout::upstream::Fanout`] (map back to the client
 //! channel, transform, encode once per encoding) → each subscriber's [`fanout::Outbox`] → that
@@ -32,6 +33,7 @@
 pub mod auth;
 pub mod backends;
 pub mod config;
+pub mod contain;
 pub mod edge;
 pub mod fanout;
 pub mod gateway;

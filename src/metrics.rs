@@ -20,6 +20,7 @@ pub struct Metrics {
     publishes: IntCounterVec,
     upstreams: IntGaugeVec,
     backend_up: IntGaugeVec,
+    panics: IntCounterVec,
 }
 
 /// Metric handles for one backend.
@@ -138,6 +139,12 @@ impl Metrics {
                 "1 when the backend is connected",
                 b,
             ),
+            panics: counter_vec(
+                &registry,
+                "wsbridge_panics_total",
+                "Panics caught at a task boundary, by component; each one is logged and the rest of the gateway carries on",
+                &["component"],
+            ),
             registry,
             connections,
             connections_total,
@@ -158,6 +165,11 @@ impl Metrics {
             upstreams: self.upstreams.with_label_values(&[name]),
             up: self.backend_up.with_label_values(&[name]),
         }
+    }
+
+    /// The panic counter of one component (`session`, `writer`, `delivery`, `backend:<name>`).
+    pub fn panics(&self, component: &str) -> IntCounter {
+        self.panics.with_label_values(&[component])
     }
 
     /// The Prometheus text exposition of every metric.

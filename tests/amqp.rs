@@ -6,7 +6,7 @@ mod common;
 
 use amqp_support::{
     PikaConsumer, URL, amqp_publish, binding_keys, close_connections, delete_exchange,
-    delete_queue, pika_get, pika_publish, start_connected,
+    delete_queue, pika_get, pika_publish, pika_publish_bytes, start_connected,
 };
 use common::{Client, eventually, http_get, unique};
 use serde_json::json;
@@ -476,4 +476,90 @@ async fn a_stalled_socket_does_not_hold_up_the_consumer() {
     let status = stalled.next_of("status").await;
     assert_eq!(status["code"], "messages_dropped", "{status}");
     gw.shutdown().await;
+}
+
+/// A gateway with a `json`, a `text` and a `binary` route on the same routing keys.
+async fn matrix_gateway(exchange: &str) -> wsbridge::Gateway {
+    use common::input::Format;
+    let mut config = format!(
+        "[backends.rabbit]\ntype = \"amqp\"\nurl = \"{URL}\"\nreconnect_initial = \"1s\"\n[[backends.rabbit.exchanges]]\nname = \"{exchange}\"\ntype = \"topic\"\ndurable = false\n"
+    );
+    for format in Format::ALL {
+        let name = format.name();
+        config.push_str(&format!(
+            "[[routes]]\nchannel = \"{name}/#\"\nbackend = \"rabbit\"\nexchange = \"{exchange}\"\ntopic = \"in.#\"\nformat = \"{name}\"\nallow = [\"subscribe\"]\n"
+        ));
+    }
+    start_connected(&config).await
+}
+
+/// The broker-side input matrix on AMQP, published with pika.
+#[tokio::test]
+async fn every_bad_payload_has_its_documented_outcome_on_amqp() {
+    use common::input::{Format, cases, expect_case, good};
+    let exchange = unique("wsb.matrix.");
+    let gw = matrix_gateway(&exchange).await;
+    let mut subscribers = Vec::new();
+    for format in Format::ALL {
+        let mut client = Client::connect(gw.local_addr()).await;
+        client.subscribe(&format!("{}/x", format.name())).await;
+        subscribers.push((format, client));
+    }
+    for (n, case) in cases().iter().enumerate() {
+        pika_publish_bytes(&exchange, "in.x", &case.bytes, json!({})).await;
+        pika_publish_bytes(&exchange, "in.x", &good(n), json!({})).await;
+        for (format, client) in &mut subscribers {
+            expect_case(client, *format, case, n).await;
+        }
+    }
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+    delete_exchange(&exchange).await;
+}
+
+/// Many and large headers, header values that are not UTF-8, and a routing key that maps to no
+/// channel: each has its documented outcome and the next message still arrives.
+#[tokio::test]
+async fn odd_headers_and_unmapped_routing_keys_stop_nothing_on_amqp() {
+    let exchange = unique("wsb.headers.");
+    let gw = matrix_gateway(&exchange).await;
+    let mut client = Client::connect(gw.local_addr()).await;
+    client.subscribe("text/#").await;
+    let next_good = async |client: &mut Client, n: usize| {
+        let payload = format!("good {n}");
+        pika_publish_bytes(&exchange, "in.x", payload.as_bytes(), json!({})).await;
+        let m = client.next_message().await;
+        assert_eq!(m["payload"], payload, "{m}");
+    };
+
+    let big = "v".repeat(64 * 1024);
+    let mut headers = serde_json::Map::new();
+    for i in 0..500 {
+        headers.insert(format!("k{i}"), json!("v"));
+    }
+    headers.insert("big".into(), json!(big));
+    headers.insert("raw".into(), json!({"b64": "//79"}));
+    headers.insert("fine".into(), json!("ok"));
+    pika_publish_bytes(&exchange, "in.x", b"headers", json!({"headers": headers})).await;
+    let m = client.next_message().await;
+    assert_eq!(m["payload"], "headers", "{m}");
+    assert_eq!(m["headers"]["k499"], "v");
+    assert_eq!(m["headers"]["big"], big.as_str());
+    assert_eq!(m["headers"]["fine"], "ok");
+    // A header value that is not text has no JSON form: that header is left out.
+    assert!(m["headers"].get("raw").is_none(), "{m}");
+    next_good(&mut client, 1).await;
+
+    // An empty routing-key word has no client channel: skipped and counted.
+    pika_publish_bytes(&exchange, "in..x", b"lost", json!({})).await;
+    next_good(&mut client, 2).await;
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    assert!(
+        metrics.contains("wsbridge_unmapped_messages_total{backend=\"rabbit\"} 1"),
+        "{metrics}"
+    );
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+    delete_exchange(&exchange).await;
 }

@@ -516,3 +516,79 @@ async fn shutdown_sends_1001_to_every_client() {
         .expect("shutdown completes once clients are gone")
         .unwrap();
 }
+
+/// The first reproduction: bytes that look like a JSON string but are not UTF-8, published by a
+/// client on the embedded default, reach the subscriber base64-encoded and stop nothing.
+#[tokio::test]
+async fn a_json_shaped_payload_that_is_not_utf8_is_delivered_base64() {
+    let gw = start_default().await;
+    let addr = gw.local_addr();
+    let mut sub = Client::connect(addr).await;
+    let mut publisher = Client::connect(addr).await;
+    let ch = unique("x/");
+    sub.subscribe(&ch).await;
+
+    let reply = publisher
+        .request(json!({"type": "publish", "channel": ch, "payload": "Iv8i", "encoding": "base64"}))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let m = sub.next_message().await;
+    assert_eq!(m["payload"], "Iv8i", "{m}");
+    assert_eq!(m["encoding"], "base64", "{m}");
+
+    // Both connections still work, both ways.
+    let reply = publisher.publish(&ch, json!({"after": 1})).await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(sub.next_message().await["payload"], json!({"after": 1}));
+    sub.subscribe(&format!("{ch}/back")).await;
+    let reply = sub.publish(&format!("{ch}/back"), json!(2)).await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(sub.next_message().await["payload"], json!(2));
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}
+
+/// The broker-side input matrix on the memory backend: one publish reaches a `json`, a `text`
+/// and a `binary` route on the same topic.
+#[tokio::test]
+async fn every_bad_payload_has_its_documented_outcome_on_the_memory_backend() {
+    use common::input::{Format, cases, expect_case, good};
+    let mut config = String::from("[backends.local]\ntype = \"memory\"\n");
+    for format in Format::ALL {
+        let name = format.name();
+        config.push_str(&format!(
+            "[[routes]]\nchannel = \"{name}/#\"\nbackend = \"local\"\ntopic = \"in/#\"\nformat = \"{name}\"\nallow = [\"subscribe\", \"publish\"]\n"
+        ));
+    }
+    let gw = start(&config).await;
+    let addr = gw.local_addr();
+    let topic = unique("m");
+    let mut subscribers = Vec::new();
+    for format in Format::ALL {
+        let mut client = Client::connect(addr).await;
+        client
+            .subscribe(&format!("{}/{topic}", format.name()))
+            .await;
+        subscribers.push((format, client));
+    }
+    let mut publisher = Client::connect(addr).await;
+    let send = async |publisher: &mut Client, bytes: &[u8]| {
+        use base64::Engine;
+        let payload = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let reply = publisher
+            .request(json!({"type": "publish", "channel": format!("binary/{topic}"), "payload": payload, "encoding": "base64"}))
+            .await;
+        assert_eq!(reply["type"], "ok", "{reply}");
+    };
+    for (n, case) in cases().iter().enumerate() {
+        send(&mut publisher, &case.bytes).await;
+        send(&mut publisher, &good(n)).await;
+        for (format, client) in &mut subscribers {
+            expect_case(client, *format, case, n).await;
+        }
+    }
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}

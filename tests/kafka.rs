@@ -532,3 +532,75 @@ async fn a_resume_below_the_log_start_gets_a_gap_status_before_the_messages() {
     resumed.assert_no_message().await;
     gw.shutdown().await;
 }
+
+/// The broker-side input matrix on Kafka, produced with kafka-python: one topic read through a
+/// `json`, a `text` and a `binary` route.
+#[tokio::test]
+async fn every_bad_payload_has_its_documented_outcome_on_kafka() {
+    use base64::Engine;
+    use common::input::{Format, cases, expect_case, good};
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let topic = unique("wsb-matrix-");
+    create_topic(&topic, 1).await;
+    let mut config = format!(
+        "[backends.events]\ntype = \"kafka\"\nbrokers = \"{}\"\n",
+        brokers()
+    );
+    for format in Format::ALL {
+        let name = format.name();
+        config.push_str(&format!(
+            "[[routes]]\nchannel = \"{name}/{{name}}\"\nbackend = \"events\"\ntopic = \"{{name}}\"\nformat = \"{name}\"\nallow = [\"subscribe\"]\n"
+        ));
+    }
+    let gw = start(&config).await;
+    let mut subscribers = Vec::new();
+    for format in Format::ALL {
+        let mut client = Client::connect(gw.local_addr()).await;
+        client
+            .subscribe(&format!("{}/{topic}", format.name()))
+            .await;
+        subscribers.push((format, client));
+    }
+    let cases = cases();
+    let mut records = Vec::new();
+    for (n, case) in cases.iter().enumerate() {
+        records.push(json!({"value_b64": b64(&case.bytes)}));
+        records.push(json!({"value_b64": b64(&good(n))}));
+    }
+    // A null value (with a key), then many headers, a large one and one that is not UTF-8,
+    // then a record with a null key.
+    records.push(json!({"value": null, "key": "k"}));
+    let mut headers = serde_json::Map::new();
+    for i in 0..500 {
+        headers.insert(format!("k{i}"), json!("v"));
+    }
+    headers.insert("big".into(), json!("v".repeat(64 * 1024)));
+    headers.insert("raw".into(), json!({"b64": "//79"}));
+    records.push(json!({"value": "headers", "headers": headers}));
+    records.push(json!({"value": "last"}));
+    py_produce(&topic, json!(records)).await;
+
+    for (n, case) in cases.iter().enumerate() {
+        for (format, client) in &mut subscribers {
+            expect_case(client, *format, case, n).await;
+        }
+    }
+    let (_, client) = &mut subscribers[1];
+    // A null value arrives as an empty payload.
+    let m = client.next_message().await;
+    assert_eq!(m["payload"], "", "{m}");
+    assert_eq!(m["key"], "k", "{m}");
+    let m = client.next_message().await;
+    assert_eq!(m["payload"], "headers", "{m}");
+    assert_eq!(m["headers"]["k499"], "v");
+    assert_eq!(m["headers"]["big"].as_str().map(str::len), Some(64 * 1024));
+    // A header value that is not UTF-8 arrives with U+FFFD in place of each bad sequence.
+    assert_eq!(m["headers"]["raw"], "\u{fffd}\u{fffd}\u{fffd}", "{m}");
+    // A null key: no "key" field.
+    let m = client.next_message().await;
+    assert_eq!(m["payload"], "last");
+    assert!(m.get("key").is_none(), "{m}");
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}

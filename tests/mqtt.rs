@@ -802,3 +802,144 @@ async fn mqtts_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(readyz(&gw).await.0, 503);
     gw.shutdown().await;
 }
+
+/// The second reproduction, on the shipped `config/iot-telemetry.toml`: a device publishes the
+/// bytes `"`, 0xFF, `"`. Subscribers get them base64-encoded, every later message on every
+/// topic still arrives, and the gateway stays ready.
+#[tokio::test]
+async fn a_device_publishing_json_shaped_invalid_utf8_stops_nothing() {
+    let text = std::fs::read_to_string("config/iot-telemetry.toml").expect("the shipped config");
+    let gw = start(&text.replace("${MQTT_URL:-mqtt://127.0.0.1:1883}", &shared_url())).await;
+    ready(&gw).await;
+    let site = unique("berlin");
+    let mut telemetry = Client::connect(gw.local_addr()).await;
+    telemetry.subscribe(&format!("telemetry/{site}/#")).await;
+    let mut status = Client::connect(gw.local_addr()).await;
+    status.subscribe(&format!("status/{site}/d1")).await;
+
+    let topic = format!("plant/{site}/telemetry/a");
+    mqtt_support::mosquitto_pub_bytes(SHARED_PORT, &topic, b"\"\xff\"", &[]).await;
+    let m = telemetry.next_message().await;
+    assert_eq!(m["encoding"], "base64", "{m}");
+    assert_eq!(m["payload"], BASE64.encode(b"\"\xff\""), "{m}");
+
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", "{\"t\":21}"]).await;
+    assert_eq!(telemetry.next_message().await["payload"], json!({"t": 21}));
+    let status_topic = format!("plant/{site}/status/d1");
+    mosquitto_pub(
+        SHARED_PORT,
+        &["-q", "1", "-t", &status_topic, "-m", "online"],
+    )
+    .await;
+    assert_eq!(status.next_message().await["payload"], "online");
+
+    let (code, body) = http_get(gw.local_addr(), "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}
+
+/// A gateway with a `json`, a `text` and a `binary` route on the same MQTT topics.
+async fn matrix_gateway(prefix: &str, backend_extra: &str) -> wsbridge::Gateway {
+    use common::input::Format;
+    let mut config = format!(
+        "[limits]\npublish_per_second = 0\npublish_bytes_per_second = 0\n[backends.plant]\ntype = \"mqtt\"\nurl = \"{}\"\n{backend_extra}\n",
+        shared_url()
+    );
+    for format in Format::ALL {
+        let name = format.name();
+        config.push_str(&format!(
+            "[[routes]]\nchannel = \"{name}/#\"\nbackend = \"plant\"\ntopic = \"{prefix}/in/#\"\nformat = \"{name}\"\nallow = [\"subscribe\"]\nqos = 1\n"
+        ));
+    }
+    let gw = start(&config).await;
+    ready(&gw).await;
+    gw
+}
+
+/// The broker-side input matrix on MQTT, published with `mosquitto_pub`.
+#[tokio::test]
+async fn every_bad_payload_has_its_documented_outcome_on_mqtt() {
+    use common::input::{Format, cases, expect_case, good};
+    let prefix = unique("wsbridge/test/matrix");
+    let gw = matrix_gateway(&prefix, "").await;
+    let mut subscribers = Vec::new();
+    for format in Format::ALL {
+        let mut client = Client::connect(gw.local_addr()).await;
+        client.subscribe(&format!("{}/x/#", format.name())).await;
+        subscribers.push((format, client));
+    }
+    let topic = format!("{prefix}/in/x");
+    for (n, case) in cases().iter().enumerate() {
+        mqtt_support::mosquitto_pub_bytes(SHARED_PORT, &topic, &case.bytes, &[]).await;
+        mqtt_support::mosquitto_pub_bytes(SHARED_PORT, &topic, &good(n), &[]).await;
+        for (format, client) in &mut subscribers {
+            expect_case(client, *format, case, n).await;
+        }
+    }
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}
+
+/// Sizes around `max_packet_size`, many and large MQTT 5 user properties, and a topic that maps
+/// to no channel: each has its documented outcome and the next message still arrives.
+#[tokio::test]
+async fn oversized_packets_properties_and_unmapped_topics_stop_nothing_on_mqtt() {
+    let prefix = unique("wsbridge/test/limits");
+    let limit = 64 * 1024;
+    let gw = matrix_gateway(&prefix, &format!("max_packet_size = {limit}")).await;
+    let mut client = Client::connect(gw.local_addr()).await;
+    client.subscribe("text/x/#").await;
+    let topic = format!("{prefix}/in/x");
+    let next_good = async |client: &mut Client, n: usize| {
+        let payload = format!("good {n}");
+        mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", &payload]).await;
+        let m = client.next_message().await;
+        assert_eq!(m["payload"], payload, "{m}");
+    };
+
+    // Just below the limit (the packet also holds the topic and a header): delivered whole.
+    let below = "b".repeat(limit - 1024);
+    mqtt_support::mosquitto_pub_bytes(SHARED_PORT, &topic, below.as_bytes(), &[]).await;
+    assert_eq!(client.next_message().await["payload"], below);
+    next_good(&mut client, 1).await;
+
+    // Just above: the gateway told the broker its maximum packet size (MQTT 5), so the broker
+    // does not send it; the connection stays up and the next message arrives.
+    let above = "a".repeat(limit + 1);
+    mqtt_support::mosquitto_pub_bytes(SHARED_PORT, &topic, above.as_bytes(), &[]).await;
+    next_good(&mut client, 2).await;
+    assert!(gw.hub().is_ready());
+
+    // 200 user properties, one of them 16 KiB: delivered as headers.
+    let big = "v".repeat(16 * 1024);
+    let mut args: Vec<String> = Vec::new();
+    for i in 0..200 {
+        args.extend(["-D", "publish", "user-property", &format!("k{i}"), "v"].map(String::from));
+    }
+    args.extend(["-D", "publish", "user-property", "big", &big].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    mqtt_support::mosquitto_pub_bytes(SHARED_PORT, &topic, b"props", &args).await;
+    let m = client.next_message().await;
+    assert_eq!(m["payload"], "props", "{m}");
+    assert_eq!(m["headers"]["k199"], "v", "{m}");
+    assert_eq!(m["headers"]["big"], big.as_str());
+    next_good(&mut client, 3).await;
+
+    // An empty topic level has no client channel: skipped and counted.
+    mosquitto_pub(
+        SHARED_PORT,
+        &["-q", "1", "-t", &format!("{topic}//y"), "-m", "lost"],
+    )
+    .await;
+    next_good(&mut client, 4).await;
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    assert!(
+        metrics.contains("wsbridge_unmapped_messages_total{backend=\"plant\"} 1"),
+        "{metrics}"
+    );
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}

@@ -20,6 +20,9 @@ use tokio::sync::watch;
 use crate::config::{ConfigProblem, RouteConfig};
 use crate::routing::TopicSyntax;
 
+/// Panic containment for adapters' own tasks (see [`crate::contain`]).
+pub use crate::contain;
+
 /// Identifies one upstream subscription for the life of the process.
 pub type UpstreamId = u64;
 
@@ -204,6 +207,10 @@ pub struct BuildContext<'a> {
     pub name: &'a str,
     /// The routes that name this backend, with their index in config order.
     pub routes: Vec<(usize, &'a RouteConfig)>,
+    /// Counts panics the backend's own tasks catch (`wsbridge_panics_total{component=
+    /// "backend:<name>"}`). A delivery loop that panics is restarted, and the backend reports
+    /// `Down` until it delivers again.
+    pub panics: prometheus::IntCounter,
 }
 
 /// What a backend kind can do. The core asks these instead of matching on kinds: a request

@@ -200,6 +200,24 @@ impl Fanout {
         true
     }
 
+    /// [`Fanout::deliver_group`] behind a panic boundary: a bug that one message triggers skips
+    /// that message for that group and is counted, and the backend's delivery loop goes on.
+    fn deliver_contained(&self, group: &Group, message: &BrokerMessage, only: Option<u64>) -> bool {
+        match crate::contain::call(|| self.deliver_group(group, message, only)) {
+            Ok(mapped) => mapped,
+            Err(panic) => {
+                self.global.panics("delivery").inc();
+                tracing::error!(
+                    topic = %message.topic,
+                    subscription = group.pattern.as_str(),
+                    %panic,
+                    "panic while delivering a broker message; it was skipped for this subscription"
+                );
+                true
+            }
+        }
+    }
+
     /// A sink reaching only `session`'s membership under (route, pattern), for messages meant
     /// for a client that joined late (see [`crate::backends::Backend::joined`]).
     pub fn member_sink(
@@ -223,7 +241,7 @@ impl MessageSink for Fanout {
         let groups = self.read();
         let mut mapped = false;
         for group in groups.iter() {
-            mapped |= self.deliver_group(group, &message, None);
+            mapped |= self.deliver_contained(group, &message, None);
         }
         if !mapped && !groups.is_empty() {
             self.metrics.unmapped.inc();
@@ -296,9 +314,116 @@ impl MessageSink for MemberSink {
             .find(|g| Arc::ptr_eq(&g.route, &self.route) && g.pattern == self.pattern)
         {
             self.fanout
-                .deliver_group(group, &message, Some(self.session));
+                .deliver_contained(group, &message, Some(self.session));
         }
     }
 
     fn event(&self, _event: SubscriptionEvent) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+    use crate::fanout::outbox::{Drained, OutItem};
+    use crate::routing::{BackendTarget, Router, TopicSyntax};
+    use crate::transform::Schemas;
+
+    /// An encoding with a bug that one payload triggers.
+    struct Fragile;
+
+    impl Encoding for Fragile {
+        fn name(&self) -> &'static str {
+            "fragile"
+        }
+        fn wants_payload_view(&self) -> bool {
+            false
+        }
+        fn delivery(&self, delivery: &Delivery<'_>, _: Option<&PayloadView>) -> Frame {
+            assert!(
+                &delivery.message.payload[..] != b"boom",
+                "cannot encode boom"
+            );
+            Frame::new(delivery.message.payload.clone())
+        }
+        fn status(&self, status: &Status) -> Frame {
+            Frame::new(status.code.as_bytes().to_vec())
+        }
+    }
+    static FRAGILE: Fragile = Fragile;
+
+    fn route() -> Arc<Route> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            routes: Vec<RouteConfig>,
+        }
+        let file: File =
+            toml::from_str("[[routes]]\nchannel = \"a/#\"\nbackend = \"local\"\ntopic = \"a/#\"\nallow = [\"subscribe\"]\n")
+                .unwrap();
+        let target = BackendTarget {
+            name: "local".into(),
+            kind: "memory",
+            syntax: TopicSyntax::SLASH,
+            keys: false,
+        };
+        let mut problems = Vec::new();
+        let router = Router::compile(
+            file.routes.iter().enumerate(),
+            &[target],
+            &Schemas::empty(),
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        router.routes()[0].clone()
+    }
+
+    fn message(payload: &'static [u8]) -> BrokerMessage {
+        BrokerMessage {
+            topic: "a/b".into(),
+            payload: bytes::Bytes::from_static(payload),
+            key: None,
+            headers: Vec::new(),
+            content_type: None,
+            message_id: None,
+            correlation_id: None,
+            timestamp: None,
+            position: None,
+        }
+    }
+
+    fn frames(outbox: &Outbox) -> Vec<Vec<u8>> {
+        let mut drained = Drained::default();
+        outbox.drain(&mut drained);
+        drained
+            .items
+            .into_iter()
+            .map(|item| {
+                let (OutItem::Message(f) | OutItem::Control(f)) = item;
+                f.bytes().to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_panic_while_encoding_skips_that_message_and_delivery_goes_on() {
+        let metrics = Arc::new(Metrics::new());
+        let fanout = Fanout::new(metrics.backend("local"), metrics.clone());
+        let route = route();
+        let outboxes: Vec<Arc<Outbox>> = (0..2).map(|_| Arc::new(Outbox::new(16))).collect();
+        for (session, pattern) in [(1, "a/#"), (2, "a/b")] {
+            let member = Member {
+                session,
+                outbox: outboxes[session as usize - 1].clone(),
+                encoding: &FRAGILE,
+            };
+            fanout.add(&route, &ChannelPattern::parse(pattern).unwrap(), member);
+        }
+        fanout.deliver(message(b"first"));
+        fanout.deliver(message(b"boom"));
+        fanout.deliver(message(b"after"));
+        for outbox in &outboxes {
+            assert_eq!(frames(outbox), vec![b"first".to_vec(), b"after".to_vec()]);
+        }
+        assert_eq!(metrics.panics("delivery").get(), 2);
+    }
 }

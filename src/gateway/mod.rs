@@ -58,6 +58,7 @@ impl Gateway {
             .map(|t| t.acceptor())
             .transpose()
             .map_err(StartError::Tls)?;
+        let metrics = Arc::new(Metrics::new());
         let mut backends = Vec::with_capacity(config.backends().len());
         for (name, backend_config) in config.backends() {
             let routes = config
@@ -67,7 +68,11 @@ impl Gateway {
                 .filter(|(_, r)| r.backend == *name)
                 .collect();
             let backend = backend_config
-                .build(BuildContext { name, routes })
+                .build(BuildContext {
+                    name,
+                    routes,
+                    panics: metrics.panics(&format!("backend:{name}")),
+                })
                 .map_err(|source| StartError::Backend {
                     name: name.clone(),
                     source,
@@ -79,7 +84,6 @@ impl Gateway {
                 backend,
             });
         }
-        let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(
             compiled.router,
             compiled.policy,

@@ -139,7 +139,12 @@ async fn upgrade(
             let span = tracing::debug_span!("session", id, peer = %peer.addr, %subject);
             async move {
                 tracing::debug!("connected");
-                ws::run(socket, id, protocol, verified, cx).await;
+                if let Err(panic) =
+                    crate::contain::future(ws::run(socket, id, protocol, verified, cx)).await
+                {
+                    metrics.panics("session").inc();
+                    tracing::error!(%panic, "panic in a session; its connection was dropped");
+                }
                 metrics.connections.dec();
                 drop(peer);
                 drop(token);

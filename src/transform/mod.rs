@@ -68,14 +68,15 @@ impl PayloadFormat {
 
     /// Turns broker bytes into the client-side (JSON protocol) view.
     pub fn to_client(&self, bytes: &Bytes) -> Result<PayloadView, DecodeError> {
-        Ok(match self {
-            PayloadFormat::Json if serde_json::from_slice::<IgnoredAny>(bytes).is_ok() => {
-                PayloadView::Json(bytes.clone())
-            }
-            PayloadFormat::Json | PayloadFormat::Text if std::str::from_utf8(bytes).is_ok() => {
+        // UTF-8 is checked first and on its own: serde_json skips the contents of strings it
+        // ignores without validating them, so `"\xff"` would pass a JSON check on raw bytes.
+        let text = std::str::from_utf8(bytes).ok();
+        Ok(match (self, text) {
+            (PayloadFormat::Json, Some(text)) if is_json(text) => PayloadView::Json(bytes.clone()),
+            (PayloadFormat::Json | PayloadFormat::Text, Some(_)) => {
                 PayloadView::Text(bytes.clone())
             }
-            PayloadFormat::Protobuf(message) => {
+            (PayloadFormat::Protobuf(message), _) => {
                 PayloadView::Json(protobuf::to_json(message, bytes)?)
             }
             _ => PayloadView::Binary(bytes.clone()),
@@ -110,6 +111,65 @@ impl PayloadFormat {
             }),
         }
     }
+}
+
+/// Deepest nesting of arrays and objects a payload may have and still be embedded as JSON: the
+/// default limit of common JSON parsers (serde_json's is 128), so every client can parse the
+/// frame that carries it.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether `text` is exactly one JSON value that every client can parse embedded in a frame:
+/// valid, nested at most [`MAX_JSON_DEPTH`] levels, every number finite as an f64 (`1e400` is
+/// valid JSON that many parsers refuse). Anything else arrives as text.
+fn is_json(text: &str) -> bool {
+    within_limits(text.as_bytes()) && serde_json::from_str::<IgnoredAny>(text).is_ok()
+}
+
+/// Checks nesting depth and number range outside strings in one pass. The input is not yet
+/// known to be JSON; this only has to be right for JSON.
+fn within_limits(bytes: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        i += 1;
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i - 1;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let finite = std::str::from_utf8(&bytes[start..i])
+                    .ok()
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .is_none_or(f64::is_finite);
+                if !finite {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// A broker payload as clients see it; cheap to clone.
@@ -180,10 +240,41 @@ mod tests {
         );
         assert_eq!(view(&f, b"{broken"), PayloadView::Text(b(b"{broken")));
         assert_eq!(view(&f, b""), PayloadView::Text(b(b"")));
+        assert_eq!(view(&f, b"\0"), PayloadView::Text(b(b"\0")));
         assert_eq!(
             view(&f, &[0xff, 0x00]),
             PayloadView::Binary(b(&[0xff, 0x00]))
         );
+    }
+
+    #[test]
+    fn json_shaped_bytes_that_are_not_utf8_arrive_as_binary() {
+        let f = PayloadFormat::Json;
+        for bytes in [&b"\"\xff\""[..], b"{\"a\":\"\xc3\"}", b"[\"\xed\xa0\x80\"]"] {
+            assert_eq!(view(&f, bytes), PayloadView::Binary(b(bytes)), "{bytes:?}");
+            assert_eq!(
+                view(&PayloadFormat::Text, bytes),
+                PayloadView::Binary(b(bytes))
+            );
+        }
+    }
+
+    #[test]
+    fn json_beyond_the_parser_limits_arrives_as_text() {
+        let f = PayloadFormat::Json;
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let deep = nested(10_000);
+        assert!(view(&f, deep.as_bytes()) == PayloadView::Text(b(deep.as_bytes())));
+        let limit = nested(MAX_JSON_DEPTH);
+        assert!(view(&f, limit.as_bytes()) == PayloadView::Json(b(limit.as_bytes())));
+        let over = format!(r#"{{"a":"[[[","b":{}}}"#, nested(MAX_JSON_DEPTH));
+        assert!(matches!(view(&f, over.as_bytes()), PayloadView::Text(_)));
+        let strings = format!(r#"["{}\"{}"]"#, "[".repeat(500), "{".repeat(500));
+        assert!(matches!(view(&f, strings.as_bytes()), PayloadView::Json(_)));
+        assert_eq!(view(&f, b"1e400"), PayloadView::Text(b(b"1e400")));
+        // Integers beyond i64/u64 are still numbers JSON can carry (as f64).
+        let big = b"123456789012345678901234567890";
+        assert_eq!(view(&f, big), PayloadView::Json(b(big)));
     }
 
     #[test]

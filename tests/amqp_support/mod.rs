@@ -44,6 +44,15 @@ if cmd == "publish":
     exchange, key, body, props = args[0], args[1], args[2], json.loads(args[3])
     channel.confirm_delivery()
     channel.basic_publish(exchange, key, body.encode(), pika.BasicProperties(**props))
+elif cmd == "publish_bytes":
+    # The body and any header value written {"b64": "..."} are raw bytes.
+    import base64
+    exchange, key, body, props = args[0], args[1], base64.b64decode(args[2]), json.loads(args[3])
+    if "headers" in props:
+        props["headers"] = {k: base64.b64decode(v["b64"]) if isinstance(v, dict) else v
+                            for k, v in props["headers"].items()}
+    channel.confirm_delivery()
+    channel.basic_publish(exchange, key, body, pika.BasicProperties(**props))
 elif cmd == "consume":
     exchange, key, count = args[0], args[1], int(args[2])
     queue = channel.queue_declare("", exclusive=True).method.queue
@@ -93,6 +102,19 @@ pub async fn pika_publish(exchange: &str, key: &str, body: &str, properties: Val
     let props = properties.to_string();
     run(
         pika(&["publish", exchange, key, body, &props]),
+        "pika publish",
+    )
+    .await;
+}
+
+/// Publishes raw bytes with pika, with publisher confirms; a header value `{"b64": "..."}` is
+/// sent as those bytes.
+pub async fn pika_publish_bytes(exchange: &str, key: &str, body: &[u8], properties: Value) {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(body);
+    let props = properties.to_string();
+    run(
+        pika(&["publish_bytes", exchange, key, &body, &props]),
         "pika publish",
     )
     .await;

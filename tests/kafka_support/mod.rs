@@ -43,7 +43,7 @@ pub async fn create_topic(name: &str, partitions: i32) {
 }
 
 const KAFKA_PYTHON: &str = r#"
-import json, sys
+import base64, json, sys
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 cmd = json.loads(sys.argv[1])
 if cmd["op"] == "produce":
@@ -51,8 +51,13 @@ if cmd["op"] == "produce":
     out = []
     for m in cmd["messages"]:
         key = m.get("key")
-        headers = [(k, v.encode()) for k, v in m.get("headers", {}).items()]
-        sent = producer.send(cmd["topic"], value=m["value"].encode(),
+        # "value_b64" and header values {"b64": ...} are raw bytes; "value": null is a null value.
+        value = m.get("value")
+        value = base64.b64decode(m["value_b64"]) if "value_b64" in m else (
+            value.encode() if value is not None else None)
+        headers = [(k, base64.b64decode(v["b64"]) if isinstance(v, dict) else v.encode())
+                   for k, v in m.get("headers", {}).items()]
+        sent = producer.send(cmd["topic"], value=value,
                              key=key.encode() if key is not None else None,
                              headers=headers, partition=m.get("partition"))
         md = sent.get(timeout=20)

@@ -228,6 +228,22 @@ pub async fn mosquitto_pub(port: u16, args: &[&str]) {
     );
 }
 
+/// Publishes `bytes` exactly (from a file, so any byte goes) with QoS 1 and the extra `args`.
+pub async fn mosquitto_pub_bytes(port: u16, topic: &str, bytes: &[u8], args: &[&str]) {
+    let dir = tempdir::TempDir::new("wsbridge-payload-");
+    let file = dir.path().join("payload");
+    std::fs::write(&file, bytes).expect("write the payload file");
+    let file = file.display().to_string();
+    let mut all = vec!["-q", "1", "-t", topic];
+    if bytes.is_empty() {
+        all.push("-n");
+    } else {
+        all.extend(["-f", file.as_str()]);
+    }
+    all.extend_from_slice(args);
+    mosquitto_pub(port, &all).await;
+}
+
 /// Publishes each line of `lines` as one message, in order (`mosquitto_pub -l`).
 pub async fn mosquitto_pub_lines(port: u16, args: &[&str], lines: &str) {
     use tokio::io::AsyncWriteExt;

@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::adapter::{
     Backend, BackendError, BackendSettings, BuildContext, Capabilities, Health, Kind, Publish,
+    contain,
     PublishReceipt, Subscription, UpstreamId,
 };
 use crate::config::{ConfigProblem, RouteConfig};
@@ -115,6 +116,8 @@ struct Shared {
     /// The confirm-mode channel publishes share.
     publisher: tokio::sync::Mutex<Option<Channel>>,
     shutdown: CancellationToken,
+    /// Panics caught in this backend's delivery loops.
+    panics: prometheus::IntCounter,
 }
 
 /// What exists on the broker for one connection.
@@ -167,6 +170,7 @@ impl AmqpBackend {
             session: tokio::sync::Mutex::new(None),
             publisher: tokio::sync::Mutex::new(None),
             shutdown: CancellationToken::new(),
+            panics: cx.panics,
         });
         tokio::spawn(shared.clone().supervise());
         Ok(AmqpBackend { shared })
@@ -271,7 +275,11 @@ impl Shared {
                     self.set_health(Health::Up);
                     let reason = tokio::select! {
                         _ = self.shutdown.cancelled() => return,
-                        reason = self.run(running) => reason,
+                        reason = contain::future(self.run(running)) => reason.unwrap_or_else(|panic| {
+                            self.panics.inc();
+                            tracing::error!(backend = %self.name, %panic, "the AMQP delivery loop panicked; reconnecting");
+                            format!("the delivery loop failed ({panic})")
+                        }),
                     };
                     tracing::warn!(backend = %self.name, %reason, "AMQP connection lost; reconnecting");
                     self.set_health(Health::Down {
@@ -502,7 +510,14 @@ impl Shared {
                 }
             };
             let tag = delivery.delivery_tag;
-            if self.dispatch(queue, delivery) == 0
+            let routing_key = delivery.routing_key.clone();
+            let taken = contain::call(|| self.dispatch(queue, delivery)).unwrap_or_else(|panic| {
+                // Acknowledged like a delivered message: given back, it would come again.
+                self.panics.inc();
+                tracing::error!(backend = %self.name, routing_key = %routing_key, %panic, "panic while dispatching an AMQP message; it was skipped");
+                1
+            });
+            if taken == 0
                 && let Some(queue) = queue
             {
                 // A work-queue message nobody here takes. While subscriptions remain it cannot
@@ -699,9 +714,13 @@ impl Session {
                 let worker = shared.clone();
                 let (queue_name, consume_channel) = (queue.clone(), channel.clone());
                 tokio::spawn(async move {
-                    let reason = worker
-                        .consume(consume_channel.clone(), consumer, Some(&queue_name))
-                        .await;
+                    let consumed =
+                        worker.consume(consume_channel.clone(), consumer, Some(&queue_name));
+                    let reason = contain::future(consumed).await.unwrap_or_else(|panic| {
+                        worker.panics.inc();
+                        tracing::error!(backend = %worker.name, queue = %queue_name, %panic, "an AMQP work-queue consumer panicked");
+                        format!("the consumer failed ({panic})")
+                    });
                     tracing::debug!(backend = %worker.name, queue = %queue_name, %reason, "work queue consumer ended");
                     if consume_channel.status().connected() {
                         let _ = consume_channel.close(200, "unsubscribed".into()).await;

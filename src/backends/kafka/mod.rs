@@ -115,6 +115,8 @@ pub struct KafkaBackend {
     topic_cache: Mutex<HashMap<String, (usize, Instant)>>,
     health: Arc<watch::Sender<Health>>,
     shutdown: CancellationToken,
+    /// Panics caught on the consumer threads.
+    panics: prometheus::IntCounter,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +154,7 @@ impl KafkaBackend {
             &config.consumer(&group_id),
             context.clone(),
             format!("{}-live", cx.name),
+            cx.panics.clone(),
         )
         .map_err(BackendError::Failed)?;
         let shutdown = CancellationToken::new();
@@ -172,6 +175,7 @@ impl KafkaBackend {
             topic_cache: Mutex::new(HashMap::new()),
             health,
             shutdown,
+            panics: cx.panics,
         })
     }
 
@@ -292,6 +296,7 @@ impl KafkaBackend {
             &self.config.consumer(&self.group_id),
             self.context.clone(),
             format!("{}-replay-{}", self.name, sub.id),
+            self.panics.clone(),
         )
         .map_err(BackendError::Failed)?;
         let consumer = reader.consumer().clone();
@@ -697,6 +702,7 @@ mod tests {
             BuildContext {
                 name: "mock",
                 routes: vec![],
+                panics: prometheus::IntCounter::new("panics", "test").expect("valid"),
             },
         )
         .expect("backend builds")

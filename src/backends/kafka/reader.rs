@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use super::context::KafkaContext;
 use crate::backends::adapter::{
-    BrokerMessage, MessageSink, Position, SubscriptionEvent, UpstreamId,
+    BrokerMessage, MessageSink, Position, SubscriptionEvent, UpstreamId, contain,
 };
 
 /// How long one poll waits for a message; also the longest a command waits to be applied.
@@ -94,6 +94,7 @@ impl Reader {
         config: &ClientConfig,
         context: KafkaContext,
         name: String,
+        panics: prometheus::IntCounter,
     ) -> Result<Reader, String> {
         let consumer: BaseConsumer<KafkaContext> = config
             .create_with_context(context)
@@ -106,7 +107,7 @@ impl Reader {
             .spawn({
                 let consumer = consumer.clone();
                 let topics = topics.clone();
-                move || Loop::new(consumer, receiver, topics).run()
+                move || Loop::new(consumer, receiver, topics, panics).run()
             })
             .map_err(|e| format!("cannot start a consumer thread: {e}"))?;
         Ok(Reader {
@@ -179,6 +180,7 @@ struct Loop {
     topic_count: Arc<AtomicUsize>,
     topics: HashMap<String, TopicState>,
     last_error: Option<String>,
+    panics: prometheus::IntCounter,
 }
 
 impl Loop {
@@ -186,6 +188,7 @@ impl Loop {
         consumer: Arc<BaseConsumer<KafkaContext>>,
         commands: mpsc::Receiver<Command>,
         topic_count: Arc<AtomicUsize>,
+        panics: prometheus::IntCounter,
     ) -> Self {
         Loop {
             consumer,
@@ -193,7 +196,14 @@ impl Loop {
             topic_count,
             topics: HashMap::new(),
             last_error: None,
+            panics,
         }
+    }
+
+    /// Counts and logs a panic caught on this thread; the thread goes on with the next step.
+    fn contained(&self, what: &str, panic: contain::Panicked) {
+        self.panics.inc();
+        tracing::error!(%panic, "panic on the Kafka consumer thread while {what}; it was skipped");
     }
 
     fn run(mut self) {
@@ -201,7 +211,13 @@ impl Loop {
             loop {
                 match self.commands.try_recv() {
                     Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
-                    Ok(command) => self.apply(command),
+                    Ok(command) => {
+                        // A panicking command drops its reply channel: the caller is answered
+                        // that the consumer failed, and the thread serves the others.
+                        if let Err(panic) = contain::call(|| self.apply(command)) {
+                            self.contained("applying a command", panic);
+                        }
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                 }
             }
@@ -212,7 +228,9 @@ impl Loop {
                 match result {
                     Ok(message) => {
                         self.last_error = None;
-                        self.dispatch(&message);
+                        if let Err(panic) = contain::call(|| self.dispatch(&message)) {
+                            self.contained("dispatching a message", panic);
+                        }
                     }
                     Err(e) => self.consumer_error(e.to_string()),
                 }

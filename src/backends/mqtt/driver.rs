@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{self, Client, EventLoop, Granted, Incoming, LinkEvent};
 use super::config::{ProtocolVersion, Qos};
 use super::table::{EntryState, Table, filter_matches};
-use crate::backends::adapter::{BackendError, Health};
+use crate::backends::adapter::{BackendError, Health, contain};
 
 /// Resolved with the broker's answer to one publish.
 pub type PublishWaiter = oneshot::Sender<Result<(), BackendError>>;
@@ -139,13 +139,34 @@ pub struct Backoff {
     pub max: Duration,
 }
 
-/// Polls the event loop until `stop` is cancelled or the backend's DISCONNECT has gone out.
-pub async fn run(
+/// Runs [`run`] and starts it again after a panic: the connection is dropped and made again,
+/// every waiting request is answered, and the backend is `Down` until it has subscribed again.
+pub async fn supervise(
     shared: Arc<Shared>,
     mut eventloop: EventLoop,
     backoff: Backoff,
     stop: CancellationToken,
+    panics: prometheus::IntCounter,
 ) {
+    loop {
+        let result = contain::future(run(&shared, &mut eventloop, backoff, &stop)).await;
+        let Err(panic) = result else { return };
+        panics.inc();
+        tracing::error!(%panic, "the MQTT delivery loop panicked; reconnecting");
+        let reason = format!("the delivery loop failed ({panic}); reconnecting");
+        let _ = contain::call(|| {
+            shared.connection_lost(&mut eventloop, &reason, &LastSubscribed::default())
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff.min) => {}
+        }
+    }
+}
+
+/// Polls the event loop until `stop` is cancelled or the backend's DISCONNECT has gone out.
+async fn run(shared: &Shared, eventloop: &mut EventLoop, backoff: Backoff, stop: &CancellationToken) {
+    let eventloop = &mut *eventloop;
     let mut attempt: u32 = 0;
     let mut last = LastSubscribed::default();
     loop {
@@ -159,11 +180,11 @@ pub async fn run(
             Ok(LinkEvent::Connected(granted)) => {
                 attempt = 0;
                 last = LastSubscribed::default();
-                shared.connected(granted, &mut eventloop);
+                shared.connected(granted, eventloop);
             }
             Ok(event) => shared.handle(event, &mut last),
             Err(reason) => {
-                let was_connected = shared.connection_lost(&mut eventloop, &reason, &last);
+                let was_connected = shared.connection_lost(eventloop, &reason, &last);
                 if was_connected {
                     tracing::warn!(%reason, "lost the connection to the MQTT broker");
                 } else {
@@ -181,7 +202,7 @@ pub async fn run(
             }
         }
     }
-    shared.connection_lost(&mut eventloop, "the backend is closed", &last);
+    shared.connection_lost(eventloop, "the backend is closed", &last);
 }
 
 impl Shared {

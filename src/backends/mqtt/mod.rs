@@ -135,7 +135,8 @@ impl MqttBackend {
             max: config.reconnect_max_delay,
         };
         let driver = tokio::spawn(
-            driver::run(shared.clone(), eventloop, backoff, stop.clone()).instrument(span),
+            driver::supervise(shared.clone(), eventloop, backoff, stop.clone(), cx.panics)
+                .instrument(span),
         );
         Ok(MqttBackend {
             shared,

@@ -81,6 +81,8 @@ where
     let (sink, stream) = socket.split();
     let outbox = Arc::new(Outbox::new(cx.config.queue_capacity));
     let done = CancellationToken::new();
+    // However this function ends (a panic included), the writer stops with it.
+    let _stop_writer = done.clone().drop_guard();
     let close_sent = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         sink,
@@ -99,18 +101,79 @@ where
         expiry: expiry_instant(verified.expires_at, &cx),
         principal: verified.principal,
         outbox: outbox.clone(),
-        subscriptions: HashMap::new(),
+        subscriptions: Subscriptions::new(cx.hub.clone(), id),
         limiter: PublishLimiter::new(&cx.limits, cx.config.max_message_size),
         cx,
     };
     session.read_loop(stream, &done, &close_sent).await;
 
     done.cancel();
-    let _ = writer.await;
-    for (_, handle) in session.subscriptions.drain() {
-        session.cx.hub.unsubscribe(handle, id).await;
+    if let Err(e) = writer.await
+        && e.is_panic()
+    {
+        session.cx.hub.metrics().panics("writer").inc();
+        tracing::error!(id, error = %e, "panic in a connection's writer; connection closed");
     }
+    session.subscriptions.release().await;
     tracing::debug!(id, "session ended");
+}
+
+/// A connection's subscriptions by the channel it subscribed with. Whatever is still held when
+/// this is dropped (the session ended by a panic, or its task was dropped) is released in the
+/// background, so no upstream keeps a dead connection as a member.
+struct Subscriptions {
+    hub: Arc<Hub>,
+    session: u64,
+    held: HashMap<String, SubscriptionHandle>,
+}
+
+impl Subscriptions {
+    fn new(hub: Arc<Hub>, session: u64) -> Self {
+        Subscriptions {
+            hub,
+            session,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Releases every subscription now.
+    async fn release(&mut self) {
+        for (_, handle) in self.held.drain() {
+            self.hub.unsubscribe(handle, self.session).await;
+        }
+    }
+}
+
+impl std::ops::Deref for Subscriptions {
+    type Target = HashMap<String, SubscriptionHandle>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.held
+    }
+}
+
+impl std::ops::DerefMut for Subscriptions {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.held
+    }
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let handles: Vec<SubscriptionHandle> = self.held.drain().map(|(_, h)| h).collect();
+        let (hub, session) = (self.hub.clone(), self.session);
+        // Without a runtime the gateway, and every upstream with it, is gone already.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for handle in handles {
+                    hub.unsubscribe(handle, session).await;
+                }
+            });
+        }
+    }
 }
 
 struct Session {
@@ -120,7 +183,7 @@ struct Session {
     /// When the token expires (with the configured leeway); `None` without a token or `exp`.
     expiry: Option<Instant>,
     outbox: Arc<Outbox>,
-    subscriptions: HashMap<String, SubscriptionHandle>,
+    subscriptions: Subscriptions,
     limiter: PublishLimiter,
     cx: SessionContext,
 }
@@ -451,6 +514,8 @@ async fn write_loop<W>(
     W: Sink<Message, Error = axum::Error> + Unpin,
 {
     let done = signals.done.clone();
+    // However the writer ends (a panic included), the reader stops with it.
+    let _stop_reader = done.clone().drop_guard();
     let mut drained = Drained::default();
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
