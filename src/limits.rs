@@ -4,7 +4,8 @@
 //! connections per client IP, and new connections per second per IP (a token bucket). A refused
 //! connection gets a short HTTP 503 or 429 and is closed. Publish limits are token buckets per
 //! connection, in messages and bytes per second; a publish over the limit is answered with
-//! `rate_limited` and not sent.
+//! `rate_limited` and not sent. Subscribes and unsubscribes share a bucket of their own, also
+//! answered with `rate_limited`.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -31,6 +32,8 @@ pub struct LimitsConfig {
     pub publish_per_second: u32,
     /// Publish payload bytes per second per connection.
     pub publish_bytes_per_second: u32,
+    /// Subscribe and unsubscribe requests per second per connection (burst of the same size).
+    pub subscribe_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -41,6 +44,7 @@ impl Default for LimitsConfig {
             new_connections_per_second_per_ip: 200,
             publish_per_second: 1_000,
             publish_bytes_per_second: 10 * 1024 * 1024,
+            subscribe_per_second: 100,
         }
     }
 }
@@ -54,6 +58,7 @@ impl LimitsConfig {
             new_connections_per_second_per_ip: 0,
             publish_per_second: 0,
             publish_bytes_per_second: 0,
+            subscribe_per_second: 0,
         }
     }
 
@@ -180,13 +185,14 @@ impl Drop for ConnectionPermit {
     }
 }
 
-/// Token buckets for one connection's publishes.
-pub struct PublishLimiter {
+/// Token buckets for one connection's requests.
+pub struct RequestLimiter {
     messages: Option<DefaultDirectRateLimiter>,
     bytes: Option<(DefaultDirectRateLimiter, u32)>,
+    subscribes: Option<DefaultDirectRateLimiter>,
 }
 
-impl PublishLimiter {
+impl RequestLimiter {
     /// `max_message_size` bounds one publish, so the byte bucket holds at least that much.
     pub fn new(config: &LimitsConfig, max_message_size: usize) -> Self {
         let bytes = NonZeroU32::new(config.publish_bytes_per_second).map(|rate| {
@@ -198,15 +204,27 @@ impl PublishLimiter {
                 burst.get(),
             )
         });
-        PublishLimiter {
+        RequestLimiter {
             messages: NonZeroU32::new(config.publish_per_second)
                 .map(|n| RateLimiter::direct(Quota::per_second(n))),
             bytes,
+            subscribes: NonZeroU32::new(config.subscribe_per_second)
+                .map(|n| RateLimiter::direct(Quota::per_second(n))),
+        }
+    }
+
+    /// Takes one subscribe or unsubscribe from its bucket, or says it exceeds the limit.
+    pub fn check_subscribe(&self) -> Result<(), String> {
+        match &self.subscribes {
+            Some(bucket) if bucket.check().is_err() => Err(
+                "subscribe rate limit reached (limits.subscribe_per_second); the request was not carried out".into(),
+            ),
+            _ => Ok(()),
         }
     }
 
     /// Takes one publish of `size` bytes from the buckets, or says which limit it exceeds.
-    pub fn check(&self, size: usize) -> Result<(), String> {
+    pub fn check_publish(&self, size: usize) -> Result<(), String> {
         if let Some(messages) = &self.messages
             && messages.check().is_err()
         {
@@ -265,38 +283,38 @@ mod tests {
 
     #[test]
     fn publish_limits_count_messages_and_bytes() {
-        let messages = PublishLimiter::new(
+        let messages = RequestLimiter::new(
             &LimitsConfig {
                 publish_per_second: 3,
                 ..LimitsConfig::unlimited()
             },
             1024,
         );
-        assert!((0..3).all(|_| messages.check(10).is_ok()));
+        assert!((0..3).all(|_| messages.check_publish(10).is_ok()));
         assert!(
             messages
-                .check(10)
+                .check_publish(10)
                 .unwrap_err()
                 .contains("publish_per_second")
         );
 
-        let bytes = PublishLimiter::new(
+        let bytes = RequestLimiter::new(
             &LimitsConfig {
                 publish_bytes_per_second: 100,
                 ..LimitsConfig::unlimited()
             },
             50,
         );
-        assert!(bytes.check(60).is_ok());
+        assert!(bytes.check_publish(60).is_ok());
         assert!(
             bytes
-                .check(60)
+                .check_publish(60)
                 .unwrap_err()
                 .contains("publish_bytes_per_second")
         );
         assert!(
-            PublishLimiter::new(&LimitsConfig::unlimited(), 10)
-                .check(1 << 20)
+            RequestLimiter::new(&LimitsConfig::unlimited(), 10)
+                .check_publish(1 << 20)
                 .is_ok()
         );
     }

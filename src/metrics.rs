@@ -12,6 +12,7 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub connections_total: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
+    pub write_timeouts: IntCounter,
     broker_messages: IntCounterVec,
     deliveries: IntCounterVec,
     dropped: IntCounterVec,
@@ -81,10 +82,19 @@ impl Metrics {
             "Connections closed because their outgoing queue was full",
         )
         .expect("valid");
+        let write_timeouts = IntCounter::new(
+            "wsbridge_write_timeouts_total",
+            "Connections closed because their socket took no data within server.write_timeout",
+        )
+        .expect("valid");
         registry
             .register(Box::new(connections.clone()))
             .expect("registered once");
-        for m in [&connections_total, &slow_consumer_disconnects] {
+        for m in [
+            &connections_total,
+            &slow_consumer_disconnects,
+            &write_timeouts,
+        ] {
             registry
                 .register(Box::new(m.clone()))
                 .expect("registered once");
@@ -149,6 +159,7 @@ impl Metrics {
             connections,
             connections_total,
             slow_consumer_disconnects,
+            write_timeouts,
         }
     }
 

@@ -592,3 +592,128 @@ async fn every_bad_payload_has_its_documented_outcome_on_the_memory_backend() {
     common::input::assert_no_panics(&metrics);
     gw.shutdown().await;
 }
+
+/// A subscriber whose socket stops taking data is dropped within `server.write_timeout`, even
+/// under `drop_oldest` with room in its queue, and the others keep receiving.
+#[tokio::test]
+async fn a_socket_that_takes_no_data_is_dropped_after_the_write_timeout() {
+    let config = r##"
+[server]
+write_timeout = "1s"
+queue_capacity = 100000
+queue_bytes = 1073741824
+[limits]
+publish_per_second = 0
+publish_bytes_per_second = 0
+[backends.local]
+type = "memory"
+[[routes]]
+channel = "#"
+backend = "local"
+topic = "#"
+allow = ["subscribe", "publish"]
+slow_consumer = "drop_oldest"
+"##;
+    let gw = start(config).await;
+    let addr = gw.local_addr();
+    let ch = unique("stall/");
+    let mut stalled = Client::connect(addr).await;
+    stalled.subscribe(&ch).await;
+    let mut healthy = Client::connect(addr).await;
+    healthy.subscribe(&ch).await;
+    let reader = common::read_in_order(healthy, 600);
+    let mut publisher = Client::connect(addr).await;
+    // 600 messages of 64 KiB: far more than the socket buffers of the client that never reads.
+    common::flood(&mut publisher, &ch, 600, 64 * 1024).await;
+    let healthy = reader.await.expect("the healthy subscriber got everything");
+    common::eventually("the stalled connection is dropped", async || {
+        let (_, metrics) = http_get(addr, "/metrics").await;
+        metrics.contains("wsbridge_write_timeouts_total 1\n")
+    })
+    .await;
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    // The healthy subscriber and the publisher remain.
+    assert!(metrics.contains("wsbridge_connections 2\n"), "{metrics}");
+    drop((stalled, healthy));
+    gw.shutdown().await;
+}
+
+/// Subscribes and unsubscribes beyond `limits.subscribe_per_second` are answered `rate_limited`
+/// and not carried out.
+#[tokio::test]
+async fn subscribes_beyond_the_rate_limit_are_refused() {
+    let config = r##"
+[limits]
+subscribe_per_second = 3
+[backends.local]
+type = "memory"
+[[routes]]
+channel = "#"
+backend = "local"
+topic = "#"
+allow = ["subscribe", "publish"]
+"##;
+    let gw = start(config).await;
+    let mut client = Client::connect(gw.local_addr()).await;
+    let ch = unique("rl/");
+    // Ten at once, without waiting: three fit the burst, a few more may refill meanwhile.
+    for n in 0..10 {
+        client
+            .send(json!({"type": "subscribe", "id": n, "channel": format!("{ch}/{n}")}))
+            .await;
+    }
+    let mut refused = Vec::new();
+    for n in 0..10 {
+        let reply = client.reply_to(json!(n)).await;
+        match reply["type"].as_str() {
+            Some("ok") => {}
+            _ => {
+                assert_eq!(reply["code"], "rate_limited", "{reply}");
+                assert!(
+                    reply["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("subscribe_per_second")
+                );
+                refused.push(n);
+            }
+        }
+    }
+    assert!(refused.len() >= 4, "refused {refused:?}");
+    assert!(!refused.contains(&0), "the burst is honoured: {refused:?}");
+    // A refused subscription does not exist.
+    let last = refused[refused.len() - 1];
+    let mut publisher = Client::connect(gw.local_addr()).await;
+    publisher.publish(&format!("{ch}/{last}"), json!(1)).await;
+    publisher.publish(&format!("{ch}/0"), json!(2)).await;
+    assert_eq!(client.next_message().await["payload"], json!(2));
+    gw.shutdown().await;
+}
+
+/// No message reaches a client before the `ok` of its subscription, even while the channel is
+/// busy when it subscribes.
+#[tokio::test]
+async fn the_ok_of_a_subscribe_comes_before_its_messages_on_the_memory_backend() {
+    let gw = start_default().await;
+    let addr = gw.local_addr();
+    let ch = unique("busy/");
+    let mut publisher = Client::connect(addr).await;
+    let stream = tokio::spawn({
+        let ch = ch.clone();
+        async move {
+            for n in 0..2000 {
+                publisher.publish(&ch, json!(n)).await;
+            }
+        }
+    });
+    for _ in 0..20 {
+        let mut client = Client::connect(addr).await;
+        client
+            .send(json!({"type": "subscribe", "id": 1, "channel": ch}))
+            .await;
+        let first = client.recv().await;
+        assert_eq!(first["type"], "ok", "first frame after subscribe: {first}");
+    }
+    stream.abort();
+    gw.shutdown().await;
+}

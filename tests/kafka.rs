@@ -513,8 +513,12 @@ async fn a_resume_below_the_log_start_gets_a_gap_status_before_the_messages() {
     resumed
         .send(json!({"type": "subscribe", "id": "r", "channel": channel, "from": {"offsets": {"0": 1}}}))
         .await;
+    // The subscribe's `ok`, then the gap, then the messages still held.
+    let ok = resumed.recv().await;
+    assert_eq!(ok["type"], "ok", "the reply comes first: {ok}");
+    assert_eq!(ok["id"], "r");
     let first = resumed.recv().await;
-    assert_eq!(first["type"], "status", "the gap comes first: {first}");
+    assert_eq!(first["type"], "status", "the gap comes before the messages: {first}");
     assert_eq!(first["code"], "gap");
     assert_eq!(first["subscriptions"], json!([channel]));
     assert_eq!(first["partition"], 0);
@@ -523,7 +527,6 @@ async fn a_resume_below_the_log_start_gets_a_gap_status_before_the_messages() {
         .as_i64()
         .expect("available offset");
     assert!(available > 1, "{first}");
-    assert_eq!(resumed.reply_to(json!("r")).await["type"], "ok");
     for seq in available..12 {
         let m = resumed.next_message().await;
         assert_eq!(m["payload"]["seq"], seq);
@@ -602,5 +605,27 @@ async fn every_bad_payload_has_its_documented_outcome_on_kafka() {
     assert!(m.get("key").is_none(), "{m}");
     let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
     common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}
+
+/// The first records of a replay come after the subscribe's `ok`, never before.
+#[tokio::test]
+async fn the_ok_of_a_replay_comes_before_its_first_records() {
+    let topic = unique("wsb-order-");
+    create_topic(&topic, 1).await;
+    let records: Vec<Value> = (0..50).map(|n| json!({"value": n.to_string()})).collect();
+    py_produce(&topic, json!(records)).await;
+    let gw = gateway("unused").await;
+    eventually("the backend is up", async || gw.hub().is_ready()).await;
+    for _ in 0..5 {
+        let mut client = Client::connect(gw.local_addr()).await;
+        client
+            .send(json!({"type": "subscribe", "id": 1, "channel": format!("events/{topic}"), "from": "earliest"}))
+            .await;
+        let first = client.recv().await;
+        assert_eq!(first["type"], "ok", "first frame after subscribe: {first}");
+        let m = client.recv().await;
+        assert_eq!(m["payload"], json!(0), "{m}");
+    }
     gw.shutdown().await;
 }

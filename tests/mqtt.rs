@@ -943,3 +943,27 @@ async fn oversized_packets_properties_and_unmapped_topics_stop_nothing_on_mqtt()
     common::input::assert_no_panics(&metrics);
     gw.shutdown().await;
 }
+
+/// A retained message comes after the `ok` of the subscribe it answers, never before.
+#[tokio::test]
+async fn the_ok_of_a_subscribe_comes_before_the_retained_message() {
+    let prefix = unique("wsbridge/test/order");
+    let gw = gateway(&shared_url(), &prefix, "").await;
+    for n in 0..10 {
+        let site = format!("s{n}");
+        let topic = format!("{prefix}/setpoint/{site}");
+        mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-t", &topic, "-m", "21.5"]).await;
+        let mut client = Client::connect(gw.local_addr()).await;
+        client
+            .send(json!({"type": "subscribe", "id": 1, "channel": format!("setpoints/{site}")}))
+            .await;
+        let first = client.recv().await;
+        assert_eq!(first["type"], "ok", "first frame after subscribe: {first}");
+        let retained = client.recv().await;
+        assert_eq!(retained["type"], "message", "{retained}");
+        assert_eq!(retained["payload"], json!(21.5));
+        // Clear the retained message.
+        mosquitto_pub(SHARED_PORT, &["-q", "1", "-r", "-t", &topic, "-n"]).await;
+    }
+    gw.shutdown().await;
+}

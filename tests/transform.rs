@@ -613,3 +613,84 @@ async fn protobuf_round_trips_through_rabbitmq() {
     })
     .await;
 }
+
+/// The broker-side input matrix for `protobuf:` routes, published by each broker's own client:
+/// each case has its documented outcome and a good message right after still arrives.
+async fn protobuf_matrix(broker: &str, publish: impl AsyncFn(&str, &[u8])) {
+    let prefix = unique("pbm");
+    let gw = start(&broker_config(&prefix)).await;
+    common::eventually("both brokers are connected", async || gw.hub().is_ready()).await;
+    let mut web = Client::connect(gw.local_addr()).await;
+    web.subscribe(&format!("{broker}/readings/m")).await;
+    // device_id = "good<n>"
+    let good = |n: usize| {
+        let id = format!("good{n}");
+        let mut bytes = vec![0x0a, id.len() as u8];
+        bytes.extend_from_slice(id.as_bytes());
+        bytes
+    };
+    let cases: [(&str, Vec<u8>, Option<Value>); 5] = [
+        ("malformed bytes", vec![0x0a, 0xff, 0xff, 0x01], None),
+        (
+            "invalid UTF-8 in a string field",
+            vec![0x0a, 0x01, 0xff],
+            None,
+        ),
+        (
+            "an unknown field (number 99) beside a known one",
+            vec![0x98, 0x06, 0x01, 0x0a, 0x01, b'u'],
+            Some(json!({"deviceId": "u"})),
+        ),
+        (
+            "an empty payload (every field at its default)",
+            Vec::new(),
+            Some(json!({})),
+        ),
+        (
+            "a truncated length-delimited field",
+            vec![0x0a, 0x05, b'a'],
+            None,
+        ),
+    ];
+    for (n, (name, bytes, expected)) in cases.iter().enumerate() {
+        publish(&prefix, bytes).await;
+        publish(&prefix, &good(n)).await;
+        match expected {
+            Some(payload) => {
+                let m = web.next_message().await;
+                assert_eq!(&m["payload"], payload, "{broker}, {name}: {m}");
+            }
+            None => {
+                let status = web.next_of("status").await;
+                assert_eq!(status["code"], "decode_error", "{broker}, {name}: {status}");
+            }
+        }
+        let m = web.next_message().await;
+        assert_eq!(
+            m["payload"],
+            json!({"deviceId": format!("good{n}")}),
+            "{broker}, after {name}"
+        );
+    }
+    let metrics = http_get(gw.local_addr(), "/metrics").await.1;
+    common::input::assert_no_panics(&metrics);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_protobuf_from_mosquitto_has_its_documented_outcome() {
+    protobuf_matrix("mqtt", async |prefix: &str, bytes: &[u8]| {
+        let topic = format!("{prefix}/pb/m");
+        mqtt_support::mosquitto_pub_bytes(mqtt_support::SHARED_PORT, &topic, bytes, &[]).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_protobuf_from_rabbitmq_has_its_documented_outcome() {
+    protobuf_matrix("amqp", async |prefix: &str, bytes: &[u8]| {
+        let key = format!("{prefix}.pb.m");
+        amqp_support::pika_publish_bytes("amq.topic", &key, bytes, json!({})).await;
+    })
+    .await;
+}

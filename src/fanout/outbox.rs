@@ -2,10 +2,15 @@
 //!
 //! The fan-out pushes shared, already encoded message frames; the connection's edge pushes its
 //! control frames (replies and status events, encoded in the connection's format). The
-//! connection's writer drains everything queued at once, writes it and flushes once. When messages reach the capacity, the route's [`SlowConsumerPolicy`] decides: drop the
-//! oldest queued message (counted, and reported to the client in a `messages_dropped` status
-//! frame) or close the connection with 1008. Pushing never blocks, so a stalled client can never
-//! hold up a broker's event loop or another client.
+//! connection's writer drains everything queued at once, writes it and flushes once. When
+//! queued messages reach the capacity in count or in bytes, the route's [`SlowConsumerPolicy`]
+//! decides: drop the oldest queued messages (counted, and reported to the client in a
+//! `messages_dropped` status frame) or close the connection with 1008. Pushing never blocks, so
+//! a stalled client can never hold up a broker's event loop or another client.
+//!
+//! While a subscribe is in progress the connection [holds](Outbox::hold) its queue: what is
+//! pushed meanwhile (a retained message, the first records of a replay) waits behind the place
+//! where the subscribe's reply goes, so no message reaches the client before its `ok`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -50,7 +55,11 @@ pub struct CloseRequest {
 struct State {
     queue: VecDeque<OutItem>,
     messages: usize,
+    /// Bytes of the queued messages.
+    bytes: usize,
     replies: usize,
+    /// Where a pending reply goes: only what is queued before it may be drained.
+    hold: Option<usize>,
     dropped: u64,
     close: Option<CloseRequest>,
 }
@@ -64,6 +73,7 @@ pub struct Outbox {
     /// Wakes a reader waiting for room for replies.
     space: Notify,
     capacity: usize,
+    max_bytes: usize,
 }
 
 /// Everything taken from the queue by one [`Outbox::drain`].
@@ -76,14 +86,21 @@ pub struct Drained {
 }
 
 impl Outbox {
-    /// An outbox holding up to `capacity` messages (and as many replies).
-    pub fn new(capacity: usize) -> Self {
+    /// An outbox holding up to `capacity` messages of at most `max_bytes` in all (and as many
+    /// replies as messages). One message larger than `max_bytes` is queued when nothing else is.
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             space: Notify::new(),
             capacity,
+            max_bytes,
         }
+    }
+
+    fn is_full(&self, state: &State, adding: usize) -> bool {
+        state.messages >= self.capacity
+            || (state.messages > 0 && state.bytes.saturating_add(adding) > self.max_bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -98,15 +115,23 @@ impl Outbox {
             return Pushed::Closed;
         }
         let mut outcome = Pushed::Queued;
-        if state.messages >= self.capacity {
+        if self.is_full(&state, frame.len()) {
             match policy {
                 SlowConsumerPolicy::DropOldest => {
-                    let oldest = state
-                        .queue
-                        .iter()
-                        .position(|item| matches!(item, OutItem::Message(_)));
-                    if let Some(pos) = oldest {
-                        state.queue.remove(pos);
+                    while self.is_full(&state, frame.len()) {
+                        let oldest = state
+                            .queue
+                            .iter()
+                            .position(|item| matches!(item, OutItem::Message(_)));
+                        let Some(pos) = oldest else { break };
+                        if let Some(OutItem::Message(old)) = state.queue.remove(pos) {
+                            state.bytes -= old.len();
+                        }
+                        if let Some(hold) = &mut state.hold
+                            && pos < *hold
+                        {
+                            *hold -= 1;
+                        }
                         state.messages -= 1;
                         state.dropped += 1;
                     }
@@ -123,9 +148,10 @@ impl Outbox {
                 }
             }
         }
+        state.bytes += frame.len();
         state.queue.push_back(OutItem::Message(frame));
         state.messages += 1;
-        let wake = state.queue.len() == 1;
+        let wake = state.queue.len() == 1 && state.hold.is_none();
         drop(state);
         if wake || outcome != Pushed::Queued {
             self.ready.notify_one();
@@ -147,6 +173,31 @@ impl Outbox {
             });
         } else {
             state.queue.push_back(OutItem::Control(frame));
+            state.replies += 1;
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Holds the queue at its current end for a reply not made yet: what is pushed from now on
+    /// is written only after [`Outbox::release`] puts the reply in this place.
+    pub fn hold(&self) {
+        let mut state = self.lock();
+        if state.hold.is_none() {
+            state.hold = Some(state.queue.len());
+        }
+    }
+
+    /// Puts `reply` where [`Outbox::hold`] was called and lets everything after it go.
+    pub fn release(&self, reply: Frame) {
+        let mut state = self.lock();
+        let at = state
+            .hold
+            .take()
+            .unwrap_or(state.queue.len())
+            .min(state.queue.len());
+        if state.close.is_none() {
+            state.queue.insert(at, OutItem::Control(reply));
             state.replies += 1;
         }
         drop(state);
@@ -185,14 +236,35 @@ impl Outbox {
         self.ready.notified().await
     }
 
-    /// Takes everything queued. `items` is reused between calls to avoid allocating.
+    /// Takes everything queued (up to a [hold](Outbox::hold)). `items` is reused between calls
+    /// to avoid allocating.
     pub fn drain(&self, drained: &mut Drained) {
         let mut state = self.lock();
-        drained.items.extend(state.queue.drain(..));
+        match state.hold {
+            None => {
+                drained.items.extend(state.queue.drain(..));
+                state.messages = 0;
+                state.bytes = 0;
+                state.replies = 0;
+            }
+            Some(at) => {
+                drained.items.extend(state.queue.drain(..at));
+                state.hold = Some(0);
+                let (mut messages, mut bytes, mut replies) = (0, 0, 0);
+                for item in &state.queue {
+                    match item {
+                        OutItem::Message(frame) => {
+                            messages += 1;
+                            bytes += frame.len();
+                        }
+                        OutItem::Control(_) => replies += 1,
+                    }
+                }
+                (state.messages, state.bytes, state.replies) = (messages, bytes, replies);
+            }
+        }
         drained.dropped = std::mem::take(&mut state.dropped);
         drained.close = state.close.clone();
-        state.messages = 0;
-        state.replies = 0;
         drop(state);
         self.space.notify_one();
     }
@@ -227,7 +299,7 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest_and_counts() {
-        let outbox = Outbox::new(3);
+        let outbox = Outbox::new(3, usize::MAX);
         outbox.push_control(reply(1));
         for n in 0..5 {
             let pushed = outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest);
@@ -244,8 +316,61 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_bound_applies_the_policy_too() {
+        let outbox = Outbox::new(100, 10);
+        for n in [1000, 1001, 1002] {
+            outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest);
+        }
+        // 4 bytes each: two fit in 10 bytes, the first was dropped for the third.
+        let mut d = Drained::default();
+        outbox.drain(&mut d);
+        assert_eq!(texts(&d), ["1001", "1002"]);
+        assert_eq!(d.dropped, 1);
+        // A message larger than the bound still goes through an empty queue.
+        let big = Frame::new(vec![b'x'; 64]);
+        assert_eq!(
+            outbox.push_message(big.clone(), SlowConsumerPolicy::Disconnect),
+            Pushed::Queued
+        );
+        assert_eq!(
+            outbox.push_message(msg(1), SlowConsumerPolicy::Disconnect),
+            Pushed::Disconnected
+        );
+    }
+
+    #[test]
+    fn a_held_reply_goes_out_before_what_was_queued_after_it() {
+        let outbox = Outbox::new(10, usize::MAX);
+        outbox.push_message(msg(1), SlowConsumerPolicy::DropOldest);
+        outbox.hold();
+        outbox.push_message(msg(2), SlowConsumerPolicy::DropOldest);
+        let mut d = Drained::default();
+        outbox.drain(&mut d);
+        assert_eq!(texts(&d), ["1"], "nothing after the hold is written yet");
+        d.items.clear();
+        outbox.push_message(msg(3), SlowConsumerPolicy::DropOldest);
+        outbox.release(reply(9));
+        outbox.drain(&mut d);
+        assert_eq!(texts(&d), ["reply", "2", "3"]);
+    }
+
+    #[test]
+    fn dropping_before_a_hold_keeps_its_place() {
+        let outbox = Outbox::new(2, usize::MAX);
+        outbox.push_message(msg(1), SlowConsumerPolicy::DropOldest);
+        outbox.hold();
+        outbox.push_message(msg(2), SlowConsumerPolicy::DropOldest);
+        outbox.push_message(msg(3), SlowConsumerPolicy::DropOldest);
+        outbox.release(reply(0));
+        let mut d = Drained::default();
+        outbox.drain(&mut d);
+        assert_eq!(texts(&d), ["reply", "2", "3"]);
+        assert_eq!(d.dropped, 1);
+    }
+
+    #[test]
     fn disconnect_policy_closes_with_1008() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, usize::MAX);
         outbox.push_message(msg(0), SlowConsumerPolicy::Disconnect);
         outbox.push_message(msg(1), SlowConsumerPolicy::Disconnect);
         assert_eq!(
@@ -263,7 +388,7 @@ mod tests {
 
     #[test]
     fn unread_replies_close_instead_of_growing() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, usize::MAX);
         for n in 0..3 {
             outbox.push_control(reply(n));
         }
@@ -275,7 +400,7 @@ mod tests {
 
     #[test]
     fn first_close_wins() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, usize::MAX);
         outbox.close(1009, "too big");
         outbox.close(1001, "shutdown");
         let mut d = Drained::default();

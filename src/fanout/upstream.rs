@@ -409,7 +409,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let fanout = Fanout::new(metrics.backend("local"), metrics.clone());
         let route = route();
-        let outboxes: Vec<Arc<Outbox>> = (0..2).map(|_| Arc::new(Outbox::new(16))).collect();
+        let outboxes: Vec<Arc<Outbox>> = (0..2)
+            .map(|_| Arc::new(Outbox::new(16, usize::MAX)))
+            .collect();
         for (session, pattern) in [(1, "a/#"), (2, "a/b")] {
             let member = Member {
                 session,

@@ -32,6 +32,13 @@ pub struct ServerConfig {
     pub max_subscriptions: usize,
     /// Outgoing messages queued per connection before the route's `slow_consumer` policy applies.
     pub queue_capacity: usize,
+    /// Outgoing message bytes queued per connection before the route's `slow_consumer` policy
+    /// applies (a single larger message is still queued when the queue is empty).
+    pub queue_bytes: usize,
+    /// A connection whose socket takes no data for this long while the gateway writes to it is
+    /// closed (a stalled client or a dead network path).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Most publishes per connection waiting for the broker's acknowledgement at once; further
     /// frames from that client are read only when one completes.
     pub max_inflight_publishes: usize,
@@ -58,6 +65,8 @@ impl Default for ServerConfig {
             max_message_size: 1024 * 1024,
             max_subscriptions: 100,
             queue_capacity: 1024,
+            queue_bytes: 16 * 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
             max_inflight_publishes: 64,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
@@ -84,6 +93,8 @@ impl ServerConfig {
         positive("max_message_size", self.max_message_size > 0);
         positive("max_subscriptions", self.max_subscriptions > 0);
         positive("queue_capacity", self.queue_capacity > 0);
+        positive("queue_bytes", self.queue_bytes > 0);
+        positive("write_timeout", !self.write_timeout.is_zero());
         positive("max_inflight_publishes", self.max_inflight_publishes > 0);
         positive("request_timeout", !self.request_timeout.is_zero());
         if self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {

@@ -34,6 +34,8 @@ impl ServerConfig {
             max_message_size: self.max_message_size,
             max_subscriptions: self.max_subscriptions,
             queue_capacity: self.queue_capacity,
+            queue_bytes: self.queue_bytes,
+            write_timeout: self.write_timeout,
             max_inflight_publishes: self.max_inflight_publishes,
             shutdown_grace: self.shutdown_grace,
         }

@@ -26,7 +26,7 @@ use crate::edge::{PositionJson, ProtocolError, Reply, Request};
 use crate::fanout::outbox::{Drained, OutItem, Outbox};
 use crate::fanout::upstream::Member;
 use crate::fanout::{Hub, Status, SubscriptionHandle};
-use crate::limits::{LimitsConfig, PublishLimiter};
+use crate::limits::{LimitsConfig, RequestLimiter};
 use crate::routing::ChannelPattern;
 use protocol::Protocol;
 
@@ -53,6 +53,11 @@ pub struct SessionSettings {
     pub max_subscriptions: usize,
     /// Outgoing messages queued before the route's slow-consumer policy applies.
     pub queue_capacity: usize,
+    /// Outgoing message bytes queued before the route's slow-consumer policy applies.
+    pub queue_bytes: usize,
+    /// Longest time one batch may take to reach the socket; a client that takes no data for
+    /// this long is closed.
+    pub write_timeout: Duration,
     /// Most publishes waiting for their broker acknowledgement at once.
     pub max_inflight_publishes: usize,
     /// On shutdown, how long the client gets to close after the 1001 close frame.
@@ -79,7 +84,7 @@ where
         + 'static,
 {
     let (sink, stream) = socket.split();
-    let outbox = Arc::new(Outbox::new(cx.config.queue_capacity));
+    let outbox = Arc::new(Outbox::new(cx.config.queue_capacity, cx.config.queue_bytes));
     let done = CancellationToken::new();
     // However this function ends (a panic included), the writer stops with it.
     let _stop_writer = done.clone().drop_guard();
@@ -88,10 +93,14 @@ where
         sink,
         outbox.clone(),
         protocol,
-        cx.config.ping_interval,
+        WriterTimers {
+            ping_interval: cx.config.ping_interval,
+            write_timeout: cx.config.write_timeout,
+        },
         WriterSignals {
             done: done.clone(),
             close_sent: close_sent.clone(),
+            write_timeouts: cx.hub.metrics().write_timeouts.clone(),
         },
     ));
 
@@ -102,7 +111,7 @@ where
         principal: verified.principal,
         outbox: outbox.clone(),
         subscriptions: Subscriptions::new(cx.hub.clone(), id),
-        limiter: PublishLimiter::new(&cx.limits, cx.config.max_message_size),
+        limiter: RequestLimiter::new(&cx.limits, cx.config.max_message_size),
         cx,
     };
     session.read_loop(stream, &done, &close_sent).await;
@@ -184,7 +193,7 @@ struct Session {
     expiry: Option<Instant>,
     outbox: Arc<Outbox>,
     subscriptions: Subscriptions,
-    limiter: PublishLimiter,
+    limiter: RequestLimiter,
     cx: SessionContext,
 }
 
@@ -337,13 +346,24 @@ impl Session {
                 self.reply(&reply);
             }
             Request::Subscribe { id, channel, from } => {
+                if let Err(message) = self.limiter.check_subscribe() {
+                    self.reply(&Reply::error(id, "rate_limited", message));
+                    return;
+                }
+                // Whatever the subscription brings before its reply (retained messages, the
+                // first records of a replay) is written after the reply.
+                self.outbox.hold();
                 let reply = match self.subscribe(&channel, from).await {
                     Ok(()) => Reply::ok(id),
                     Err(e) => Reply::error(id, e.code, e.message),
                 };
-                self.reply(&reply);
+                self.outbox.release(self.protocol.reply(&reply));
             }
             Request::Unsubscribe { id, channel } => {
+                if let Err(message) = self.limiter.check_subscribe() {
+                    self.reply(&Reply::error(id, "rate_limited", message));
+                    return;
+                }
                 let reply = match self.subscriptions.remove(&channel) {
                     Some(handle) => {
                         self.cx.hub.unsubscribe(handle, self.id).await;
@@ -372,7 +392,7 @@ impl Session {
                         return;
                     }
                 };
-                if let Err(message) = self.limiter.check(payload.len()) {
+                if let Err(message) = self.limiter.check_publish(payload.len()) {
                     self.reply(&Reply::error(id, "rate_limited", message));
                     return;
                 }
@@ -496,19 +516,27 @@ fn is_capacity_error(e: axum::Error) -> bool {
     matches!(inner.downcast_ref::<Error>(), Some(Error::Capacity(_)))
 }
 
+/// The writer's clocks.
+struct WriterTimers {
+    ping_interval: Duration,
+    write_timeout: Duration,
+}
+
 /// How the writer and reader tell each other about the end of the connection.
 struct WriterSignals {
     /// Either side ends the connection; both stop.
     done: CancellationToken,
     /// The writer has sent a close frame.
     close_sent: CancellationToken,
+    /// Counts connections closed by the write timeout.
+    write_timeouts: prometheus::IntCounter,
 }
 
 async fn write_loop<W>(
     mut sink: W,
     outbox: Arc<Outbox>,
     protocol: Protocol,
-    ping_interval: Duration,
+    timers: WriterTimers,
     signals: WriterSignals,
 ) where
     W: Sink<Message, Error = axum::Error> + Unpin,
@@ -517,6 +545,7 @@ async fn write_loop<W>(
     // However the writer ends (a panic included), the reader stops with it.
     let _stop_reader = done.clone().drop_guard();
     let mut drained = Drained::default();
+    let ping_interval = timers.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -570,8 +599,17 @@ async fn write_loop<W>(
             Some(_) => tokio::time::timeout(CLOSE_WAIT, write)
                 .await
                 .unwrap_or(Ok(())),
+            // However long the batch, it must reach the socket within the write timeout.
             None => tokio::select! {
-                result = write => result,
+                result = tokio::time::timeout(timers.write_timeout, write) => match result {
+                    Ok(result) => result,
+                    Err(_) => {
+                        signals.write_timeouts.inc();
+                        tracing::info!(timeout = ?timers.write_timeout, "client took no data within the write timeout; connection closed");
+                        done.cancel();
+                        return;
+                    }
+                },
                 _ = done.cancelled() => return,
             },
         };
