@@ -113,46 +113,59 @@ pub async fn py_produce(topic: &str, messages: Value) -> Vec<Value> {
 
 /// Reads `count` messages of one partition from `offset` with kafka-python.
 pub async fn py_consume(topic: &str, partition: i32, offset: i64, count: usize) -> Vec<Value> {
-    let out = kafka_python(json!({"op": "consume", "brokers": brokers(), "topic": topic, "partition": partition, "offset": offset, "count": count})).await;
+    py_consume_at(&brokers(), topic, partition, offset, count).await
+}
+
+/// [`py_consume`] from the broker at `brokers`.
+pub async fn py_consume_at(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    count: usize,
+) -> Vec<Value> {
+    let out = kafka_python(json!({"op": "consume", "brokers": brokers, "topic": topic, "partition": partition, "offset": offset, "count": count})).await;
     out.as_array().expect("a list").clone()
 }
 
-/// A Tansu broker of a test's own, on a free port, so the test can stop and restart it.
+/// A Tansu broker of a test's own, reached through a TCP relay the test can cut and restore.
+///
+/// Cutting the relay is a network fault the broker survives with its log and topic ids intact,
+/// which is what a real cluster does across a restart. (Restarting a memory-only Tansu instead
+/// would bring back an empty broker whose recreated topics have new ids; librdkafka's metadata
+/// cache does not cope with a topic changing its id, see confluentinc/librdkafka#4778.)
 pub struct PrivateBroker {
+    /// Where clients connect: the relay.
     pub port: u16,
+    relay: Relay,
     child: Option<tokio::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl PrivateBroker {
     pub async fn start() -> PrivateBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut broker = PrivateBroker { port, child: None };
-        broker.restart().await;
-        broker
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the broker (again) on the same port, with empty in-memory storage.
-    pub async fn restart(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let (port, backend) = (free_port(), free_port());
         let tansu = std::env::var("HOME")
             .map(|h| format!("{h}/.cargo/bin/tansu"))
             .ok()
             .filter(|p| std::path::Path::new(p).exists())
             .unwrap_or_else(|| "tansu".into());
+        // The broker advertises the relay's address, so every connection goes through it.
         let child = tokio::process::Command::new(tansu)
             .args([
                 "broker",
                 "--listener-url",
-                &url,
+                &format!("tcp://127.0.0.1:{backend}"),
+            ])
+            .args([
                 "--advertised-listener-url",
-                &url,
+                &format!("tcp://127.0.0.1:{port}"),
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(std::process::Stdio::null())
@@ -160,31 +173,106 @@ impl PrivateBroker {
             .kill_on_drop(true)
             .spawn()
             .expect("tansu starts (see scripts/setup/40-kafka.sh)");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
+        let target = format!("127.0.0.1:{backend}");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        while tokio::net::TcpStream::connect(&target).await.is_err() {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "tansu listens on {addr}"
+                "tansu listens on {target}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let mut relay = Relay {
+            port,
+            target,
+            accept: None,
+            connections: Default::default(),
+        };
+        relay.open().await;
+        PrivateBroker {
+            port,
+            relay,
+            child: Some(child),
+        }
     }
 
-    /// Kills the broker and waits until it is gone.
-    pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.expect("kill tansu");
-        }
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every connection to the broker and refuses new ones.
+    pub async fn cut(&mut self) {
+        self.relay.close();
+    }
+
+    /// Lets connections through again.
+    pub async fn restore(&mut self) {
+        self.relay.open().await;
     }
 }
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
         // Also on a failed test: the broker must not outlive it.
+        self.relay.close();
         if let Some(child) = &mut self.child {
             let _ = child.start_kill();
+        }
+    }
+}
+
+/// A TCP forwarder from `port` to `target` whose connections can all be cut at once.
+struct Relay {
+    port: u16,
+    target: String,
+    accept: Option<tokio::task::JoinHandle<()>>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn open(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => break listener,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "relay binds 127.0.0.1:{}: {e}",
+                        self.port
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let (target, connections) = (self.target.clone(), self.connections.clone());
+        self.accept = Some(tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                connections
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(task.abort_handle());
+            }
+        }));
+    }
+
+    fn close(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+        }
+        for connection in self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            connection.abort();
         }
     }
 }

@@ -94,6 +94,9 @@ pub struct MqttConfig {
     /// which then does not send it; with 3.1.1 the gateway skips it on arrival).
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: u32,
+    /// Most retained messages kept per MQTT subscription for clients that join it later.
+    #[serde(default = "default_retained_cache_size")]
+    pub retained_cache_size: usize,
     /// PEM file with the CA certificates that sign the broker's certificate (`mqtts://` only;
     /// default: the system's trusted roots).
     #[serde(default)]
@@ -128,6 +131,10 @@ fn default_reconnect_min_delay() -> Duration {
 
 fn default_reconnect_max_delay() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_retained_cache_size() -> usize {
+    10_000
 }
 
 fn default_max_packet_size() -> u32 {

@@ -90,6 +90,7 @@ impl Shared {
         url: String,
         protocol: ProtocolVersion,
         max_packet_size: u32,
+        retained_cache_size: usize,
         client: Client,
     ) -> Self {
         let health = watch::Sender::new(Health::Down {
@@ -100,7 +101,7 @@ impl Shared {
             url,
             protocol,
             client,
-            table: RwLock::new(Table::default()),
+            table: RwLock::new(Table::new(retained_cache_size)),
             link: Mutex::new(Link::new()),
             health,
         }
@@ -499,6 +500,7 @@ mod tests {
             "mqtt://127.0.0.1:1".into(),
             config.protocol,
             config.max_packet_size,
+            config.retained_cache_size,
             client,
         );
         shared.link().connected = true;

@@ -126,6 +126,7 @@ impl MqttBackend {
             address.to_string(),
             config.protocol,
             config.max_packet_size,
+            config.retained_cache_size,
             mqtt_client,
         ));
         let stop = CancellationToken::new();

@@ -45,6 +45,9 @@ pub struct Entry {
     /// after the subscription was made (kept only when messages say whether they are retained,
     /// i.e. with MQTT 5 subscription identifiers).
     retained: Mutex<BTreeMap<String, BrokerMessage>>,
+    retained_limit: usize,
+    /// Set once the cache was full: logged once per entry.
+    retained_overflow: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -54,8 +57,17 @@ impl Entry {
         let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         if message.payload.is_empty() {
             retained.remove(&message.topic);
-        } else {
+        } else if retained.len() < self.retained_limit || retained.contains_key(&message.topic) {
             retained.insert(message.topic.clone(), message.clone());
+        } else if !self
+            .retained_overflow
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                filter = %self.filter,
+                limit = self.retained_limit,
+                "retained cache full: clients joining this subscription later get only the retained messages kept (retained_cache_size)"
+            );
         }
     }
 
@@ -83,6 +95,8 @@ pub struct Table {
     by_id: HashMap<u32, String>,
     by_upstream: HashMap<UpstreamId, String>,
     last_id: u32,
+    /// Most retained messages each entry keeps.
+    retained_limit: usize,
 }
 
 /// What [`Table::add`] did.
@@ -96,6 +110,14 @@ pub enum Added {
 }
 
 impl Table {
+    /// An empty table whose entries keep up to `retained_limit` retained messages each.
+    pub fn new(retained_limit: usize) -> Self {
+        Table {
+            retained_limit,
+            ..Table::default()
+        }
+    }
+
     #[cfg(test)]
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.entries.values()
@@ -153,6 +175,8 @@ impl Table {
                 sinks: vec![(upstream, sink)],
                 state: EntryState::Subscribing(vec![(upstream, waiter)]),
                 retained: Mutex::new(BTreeMap::new()),
+                retained_limit: self.retained_limit,
+                retained_overflow: std::sync::atomic::AtomicBool::new(false),
             },
         );
         Added::New { id, qos }
@@ -293,7 +317,7 @@ mod tests {
 
     #[test]
     fn one_entry_per_filter_shared_by_upstreams() {
-        let mut table = Table::default();
+        let mut table = Table::new(10_000);
         let sink: Arc<dyn MessageSink> = Arc::new(Nothing);
         let (tx, _rx) = oneshot::channel();
         let added = table.add(1, "a/#", Qos::AtLeastOnce, sink.clone(), tx);
@@ -319,5 +343,36 @@ mod tests {
             panic!("a new entry after the old one is gone")
         };
         assert_ne!(next, id, "identifiers are never reused while in use");
+    }
+
+    #[test]
+    fn the_retained_cache_keeps_at_most_its_limit() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl MessageSink for Count {
+            fn deliver(&self, _: BrokerMessage) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            fn event(&self, _: SubscriptionEvent) {}
+        }
+        let mut table = Table::new(2);
+        let (tx, _rx) = oneshot::channel();
+        let sink: Arc<dyn MessageSink> = Arc::new(Nothing);
+        table.add(1, "a/#", Qos::AtLeastOnce, sink, tx);
+        let entry = table.entries().next().expect("the entry");
+        let retained = |topic: &str, payload: &'static [u8]| BrokerMessage {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(payload),
+            ..BrokerMessage::default()
+        };
+        for topic in ["a/1", "a/2", "a/3"] {
+            entry.keep_retained(&retained(topic, b"v"));
+        }
+        // A topic already kept is still updated; an empty message still deletes.
+        entry.keep_retained(&retained("a/1", b"w"));
+        entry.keep_retained(&retained("a/2", b""));
+        entry.keep_retained(&retained("a/4", b"v"));
+        let count = Count(std::sync::atomic::AtomicUsize::new(0));
+        entry.replay_retained(&count);
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }
