@@ -440,7 +440,12 @@ async fn broker_down_and_up_is_reported_and_consumption_resumes() {
     })
     .await;
     // A publish while the broker is unreachable fails within the delivery timeout.
+    let asked = std::time::Instant::now();
     let e = publisher.publish(&channel, json!("lost")).await;
+    eprintln!(
+        "TIMING lost publish answered after {:?}: {e}",
+        asked.elapsed()
+    );
     assert_eq!(e["type"], "error", "{e}");
     assert!(
         e["code"] == "backend_timeout" || e["code"] == "backend_unavailable",

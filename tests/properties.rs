@@ -1,6 +1,10 @@
 //! Property tests for the parsers that face the network: the client frame decoder, the channel
-//! pattern matcher and the route template mapper. They run a bounded number of cases with every
-//! `cargo test`; raise `PROPTEST_CASES` for a longer search.
+//! pattern matcher and the route template mapper, and the checks of `tests/harness` that the
+//! `cargo fuzz` targets also run (broker bytes into every format and encoding, client frames,
+//! Protobuf⇄JSON). They run a bounded number of cases with every `cargo test`; raise
+//! `PROPTEST_CASES` for a longer search, or run the fuzz targets (fuzz/README.md).
+
+mod harness;
 
 use axum::extract::ws::Message;
 use proptest::prelude::*;
@@ -172,5 +176,38 @@ proptest! {
                 prop_assert!(dotted && all.into_iter().any(|v| v.contains('.')), "{} refused", channel);
             }
         }
+    }
+
+    /// Any broker bytes reach every client encoding through every route format in a form the
+    /// client can parse and that gives back the bytes.
+    #[test]
+    fn broker_bytes_always_make_usable_frames(
+        payload in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+            (90usize..140).prop_map(|n| format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes()),
+            "[\\[\\]{}\"\\\\0-9e.:,a-]{0,300}".prop_map(String::into_bytes),
+        ],
+        key in prop::collection::vec(any::<u8>(), 0..8),
+        header in prop::collection::vec(any::<u8>(), 0..8),
+    ) {
+        harness::broker_bytes(&payload, &key, &header);
+    }
+
+    /// Any bytes as a client frame, in both protocols, decode or fail with a documented code.
+    #[test]
+    fn client_frames_decode_or_fail_cleanly(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+        ],
+    ) {
+        harness::client_frame(&bytes);
+    }
+
+    /// Protobuf bytes that decode have a JSON form that encodes back to the same message.
+    #[test]
+    fn protobuf_json_round_trips(bytes in prop::collection::vec(any::<u8>(), 0..96)) {
+        harness::protobuf_round_trip(&bytes);
     }
 }

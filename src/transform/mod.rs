@@ -113,10 +113,10 @@ impl PayloadFormat {
     }
 }
 
-/// Deepest nesting of arrays and objects a payload may have and still be embedded as JSON: the
-/// default limit of common JSON parsers (serde_json's is 128), so every client can parse the
-/// frame that carries it.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects a payload may have and still be embedded as JSON. The
+/// frame around it adds a level, and common JSON parsers stop at 128 (serde_json's default), so
+/// this leaves room for every client to parse the frame that carries it.
+pub const MAX_JSON_DEPTH: usize = 100;
 
 /// Whether `text` is exactly one JSON value that every client can parse embedded in a frame:
 /// valid, nested at most [`MAX_JSON_DEPTH`] levels, every number finite as an f64 (`1e400` is

@@ -239,6 +239,62 @@ impl KafkaBackend {
         Ok(self.partitions_within(topic, timeout).await?.len())
     }
 
+    /// Publishes one record; [`Backend::publish`] bounds it by the delivery timeout.
+    async fn publish_now(&self, publish: Publish) -> Result<PublishReceipt, BackendError> {
+        let partitions = self.partition_count(&publish.topic).await?;
+        if let Some(p) = publish.partition
+            && p as usize >= partitions
+        {
+            return Err(BackendError::Rejected {
+                code: "invalid_partition",
+                message: format!(
+                    "Kafka topic {:?} has no partition {p} (it has {partitions})",
+                    publish.topic
+                ),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&publish.topic).payload(&publish.payload);
+        if let Some(key) = &publish.key {
+            record = record.key(key.as_bytes());
+        }
+        if let Some(partition) = publish.partition {
+            record = record.partition(partition);
+        }
+        if !publish.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(publish.headers.len());
+            for (key, value) in &publish.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            record = record.headers(headers);
+        }
+        let timeout = self.config.delivery_timeout;
+        let delivery = self
+            .producer
+            .get()
+            .send_result(record)
+            .map_err(|(e, _)| publish_error(&e, timeout))?;
+        match delivery.await {
+            Ok(Ok(delivery)) => Ok(PublishReceipt {
+                position: (delivery.offset >= 0).then_some(Position {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
+            }),
+            Ok(Err((e, _))) => {
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+                    lock(&self.topic_cache).remove(&publish.topic);
+                }
+                Err(publish_error(&e, timeout))
+            }
+            Err(_) => Err(BackendError::Unavailable(
+                "the Kafka producer has shut down".into(),
+            )),
+        }
+    }
+
     async fn subscribe_live(&self, topic: String, sub: Sub) -> Result<(), BackendError> {
         let known = lock(&self.live_topics).contains(&topic);
         let start = if known {
@@ -561,58 +617,12 @@ impl Backend for KafkaBackend {
     }
 
     async fn publish(&self, publish: Publish) -> Result<PublishReceipt, BackendError> {
-        let partitions = self.partition_count(&publish.topic).await?;
-        if let Some(p) = publish.partition
-            && p as usize >= partitions
-        {
-            return Err(BackendError::Rejected {
-                code: "invalid_partition",
-                message: format!(
-                    "Kafka topic {:?} has no partition {p} (it has {partitions})",
-                    publish.topic
-                ),
-            });
-        }
-        let mut record = FutureRecord::<[u8], [u8]>::to(&publish.topic).payload(&publish.payload);
-        if let Some(key) = &publish.key {
-            record = record.key(key.as_bytes());
-        }
-        if let Some(partition) = publish.partition {
-            record = record.partition(partition);
-        }
-        if !publish.headers.is_empty() {
-            let mut headers = OwnedHeaders::new_with_capacity(publish.headers.len());
-            for (key, value) in &publish.headers {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-            record = record.headers(headers);
-        }
+        // The whole publish, lookups included, is answered within the delivery timeout:
+        // librdkafka reports expired messages late while the broker is unreachable.
         let timeout = self.config.delivery_timeout;
-        let delivery = self
-            .producer
-            .get()
-            .send_result(record)
-            .map_err(|(e, _)| publish_error(&e, timeout))?;
-        match delivery.await {
-            Ok(Ok(delivery)) => Ok(PublishReceipt {
-                position: (delivery.offset >= 0).then_some(Position {
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                }),
-            }),
-            Ok(Err((e, _))) => {
-                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-                    lock(&self.topic_cache).remove(&publish.topic);
-                }
-                Err(publish_error(&e, timeout))
-            }
-            Err(_) => Err(BackendError::Unavailable(
-                "the Kafka producer has shut down".into(),
-            )),
-        }
+        tokio::time::timeout(timeout, self.publish_now(publish))
+            .await
+            .unwrap_or(Err(BackendError::Timeout(timeout)))
     }
 
     fn health(&self) -> watch::Receiver<Health> {
