@@ -34,6 +34,10 @@ pub struct LimitsConfig {
     pub publish_bytes_per_second: u32,
     /// Subscribe and unsubscribe requests per second per connection (burst of the same size).
     pub subscribe_per_second: u32,
+    /// Replay subscriptions (`from` other than `"latest"`) one connection may hold at once.
+    pub max_replays_per_connection: usize,
+    /// Replay subscriptions the whole gateway holds at once.
+    pub max_replays: usize,
 }
 
 impl Default for LimitsConfig {
@@ -45,6 +49,8 @@ impl Default for LimitsConfig {
             publish_per_second: 1_000,
             publish_bytes_per_second: 10 * 1024 * 1024,
             subscribe_per_second: 100,
+            max_replays_per_connection: 10,
+            max_replays: 1_000,
         }
     }
 }
@@ -59,6 +65,8 @@ impl LimitsConfig {
             publish_per_second: 0,
             publish_bytes_per_second: 0,
             subscribe_per_second: 0,
+            max_replays_per_connection: 0,
+            max_replays: 0,
         }
     }
 

@@ -624,3 +624,52 @@ async fn the_ok_of_a_replay_comes_before_its_first_records() {
     }
     gw.shutdown().await;
 }
+
+/// Replays are bounded per connection and per gateway, and a released replay frees its place.
+#[tokio::test]
+async fn replay_subscriptions_are_bounded() {
+    let topic = unique("wsb-replays-");
+    create_topic(&topic, 1).await;
+    let text = format!(
+        "[limits]\nmax_replays_per_connection = 2\nmax_replays = 3\n{}",
+        config(&brokers(), "unused")
+    );
+    let gw = start(&text).await;
+    eventually("the backend is up", async || gw.hub().is_ready()).await;
+    let channel = format!("events/{topic}");
+    let replay =
+        async |client: &mut Client| subscribe_from(client, &channel, json!("earliest")).await;
+    let mut first = Client::connect(gw.local_addr()).await;
+    let mut second = Client::connect(gw.local_addr()).await;
+    // Each replay is its own subscription: use distinct patterns on one connection through
+    // the key-less route, then a second connection.
+    assert_eq!(replay(&mut first).await["type"], "ok");
+    let other = format!("events/{}", unique("wsb-replays-b-"));
+    create_topic(other.trim_start_matches("events/"), 1).await;
+    let r = subscribe_from(&mut first, &other, json!("earliest")).await;
+    assert_eq!(r["type"], "ok", "{r}");
+    let third = format!("events/{}", unique("wsb-replays-c-"));
+    create_topic(third.trim_start_matches("events/"), 1).await;
+    let r = subscribe_from(&mut first, &third, json!("earliest")).await;
+    assert_eq!(r["code"], "too_many_replays", "per connection: {r}");
+    // Live subscriptions do not count.
+    first.subscribe(&third).await;
+
+    assert_eq!(replay(&mut second).await["type"], "ok");
+    let r = subscribe_from(&mut second, &other, json!("earliest")).await;
+    assert_eq!(r["code"], "too_many_replays", "per gateway: {r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_replays")
+    );
+
+    let r = first
+        .request(json!({"type": "unsubscribe", "channel": other}))
+        .await;
+    assert_eq!(r["type"], "ok");
+    let r = subscribe_from(&mut second, &other, json!("earliest")).await;
+    assert_eq!(r["type"], "ok", "a released replay frees its place: {r}");
+    gw.shutdown().await;
+}

@@ -15,7 +15,7 @@ pub mod status;
 pub mod upstream;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,6 +124,11 @@ impl SubscriptionHandle {
     pub fn pattern(&self) -> &ChannelPattern {
         &self.pattern
     }
+
+    /// Whether it started elsewhere than at the latest message (a replay, never shared).
+    pub fn is_replay(&self) -> bool {
+        self.upstream.key.private != 0
+    }
 }
 
 /// A routed, authorised and transformed publish, ready for its backend.
@@ -140,7 +145,19 @@ pub struct Hub {
     upstreams: Mutex<HashMap<UpstreamKey, Arc<Upstream>>>,
     next_id: AtomicU64,
     request_timeout: Duration,
+    /// Most replay subscriptions (`from` other than latest) at once; 0 = no limit.
+    max_replays: usize,
+    replays: AtomicUsize,
     metrics: Arc<Metrics>,
+}
+
+/// The hub's own settings.
+#[derive(Debug, Clone, Copy)]
+pub struct HubSettings {
+    /// Longest wait for a backend to answer a subscribe or publish.
+    pub request_timeout: Duration,
+    /// Most replay subscriptions in the whole gateway at once (0 = no limit).
+    pub max_replays: usize,
 }
 
 impl Hub {
@@ -149,7 +166,7 @@ impl Hub {
         router: Arc<Router>,
         policy: Arc<Policy>,
         backends: Vec<BackendHandle>,
-        request_timeout: Duration,
+        settings: HubSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         let backends = backends
@@ -165,7 +182,9 @@ impl Hub {
             backends,
             upstreams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            request_timeout,
+            request_timeout: settings.request_timeout,
+            max_replays: settings.max_replays,
+            replays: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -218,7 +237,21 @@ impl Hub {
         }
         let private = match start {
             StartPosition::Latest => 0,
-            _ => self.next_id.fetch_add(1, Ordering::Relaxed),
+            _ => {
+                // Released with the subscription's handle (see `release`).
+                let held = self.replays.fetch_add(1, Ordering::Relaxed);
+                if self.max_replays != 0 && held >= self.max_replays {
+                    self.replays.fetch_sub(1, Ordering::Relaxed);
+                    return Err(RequestError::new(
+                        "too_many_replays",
+                        format!(
+                            "the gateway holds {} replay subscriptions (limits.max_replays); subscribe from \"latest\" or try again later",
+                            self.max_replays
+                        ),
+                    ));
+                }
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            }
         };
         let key = UpstreamKey {
             backend: route.backend,
@@ -305,6 +338,9 @@ impl Hub {
 
     async fn release(&self, handle: &SubscriptionHandle, session: u64) {
         let upstream = &handle.upstream;
+        if handle.is_replay() {
+            self.replays.fetch_sub(1, Ordering::Relaxed);
+        }
         if upstream
             .fanout
             .remove(&handle.route, &handle.pattern, session)

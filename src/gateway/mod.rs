@@ -18,7 +18,7 @@ pub use config::{Config, DEFAULT_CONFIG};
 
 use crate::backends::{BackendError, BuildContext};
 use crate::edge::ws::SessionContext;
-use crate::fanout::{BackendHandle, Hub};
+use crate::fanout::{BackendHandle, Hub, HubSettings};
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 
@@ -88,7 +88,10 @@ impl Gateway {
             compiled.router,
             compiled.policy,
             backends,
-            config.server.request_timeout,
+            HubSettings {
+                request_timeout: config.server.request_timeout,
+                max_replays: config.limits.max_replays,
+            },
             metrics,
         ));
 

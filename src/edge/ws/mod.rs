@@ -494,6 +494,23 @@ impl Session {
                 format!("a connection may hold at most {max} subscriptions"),
             ));
         }
+        let max_replays = self.cx.limits.max_replays_per_connection;
+        if from != crate::backends::StartPosition::Latest
+            && max_replays != 0
+            && self
+                .subscriptions
+                .values()
+                .filter(|h| h.is_replay())
+                .count()
+                >= max_replays
+        {
+            return Err(fail(
+                "too_many_replays",
+                format!(
+                    "a connection may hold at most {max_replays} replay subscriptions (limits.max_replays_per_connection)"
+                ),
+            ));
+        }
         let member = Member {
             session: self.id,
             outbox: self.outbox.clone(),
