@@ -10,9 +10,10 @@
 //!
 //! The thread tracks the next expected offset of every partition. When a message arrives past
 //! it (the position fell out of the log and librdkafka reset it to the earliest offset, or the
-//! log has transaction markers or compacted records), it asks the broker for the log start;
-//! if the expected offset is below it, the messages in between were deleted and every
-//! subscription on the topic gets a gap event before the message.
+//! log has transaction markers or compacted records), a second thread asks the broker for the
+//! log start, so the delivery loop never waits on a network round trip; if the expected offset
+//! is below it, the messages in between were deleted and every subscription on the topic gets
+//! a gap event (shortly after the first message past the gap).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -101,13 +102,26 @@ impl Reader {
             .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
         let consumer = Arc::new(consumer);
         let (commands, receiver) = mpsc::channel();
+        let (gaps, gap_checks) = mpsc::channel::<GapCheck>();
         let topics = Arc::new(AtomicUsize::new(0));
+        // Ends when the delivery loop drops its sender.
+        std::thread::Builder::new()
+            .name(format!("kafka-{name}-gaps"))
+            .spawn({
+                let consumer = consumer.clone();
+                move || {
+                    for check in gap_checks {
+                        check.run(&consumer);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start a consumer thread: {e}"))?;
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{name}"))
             .spawn({
                 let consumer = consumer.clone();
                 let topics = topics.clone();
-                move || Loop::new(consumer, receiver, topics, panics).run()
+                move || Loop::new(consumer, receiver, topics, gaps, panics).run()
             })
             .map_err(|e| format!("cannot start a consumer thread: {e}"))?;
         Ok(Reader {
@@ -180,6 +194,8 @@ struct Loop {
     topic_count: Arc<AtomicUsize>,
     topics: HashMap<String, TopicState>,
     last_error: Option<String>,
+    /// Offset jumps for the gap-checking thread.
+    gaps: mpsc::Sender<GapCheck>,
     panics: prometheus::IntCounter,
 }
 
@@ -188,6 +204,7 @@ impl Loop {
         consumer: Arc<BaseConsumer<KafkaContext>>,
         commands: mpsc::Receiver<Command>,
         topic_count: Arc<AtomicUsize>,
+        gaps: mpsc::Sender<GapCheck>,
         panics: prometheus::IntCounter,
     ) -> Self {
         Loop {
@@ -196,6 +213,7 @@ impl Loop {
             topic_count,
             topics: HashMap::new(),
             last_error: None,
+            gaps,
             panics,
         }
     }
@@ -333,7 +351,12 @@ impl Loop {
         let offset = message.offset();
         if let Some(&expected) = state.next.get(&partition) {
             if offset > expected {
-                check_gap(&self.consumer, topic, partition, expected, &state.subs);
+                let _ = self.gaps.send(GapCheck {
+                    topic: topic.to_owned(),
+                    partition,
+                    expected,
+                    sinks: state.subs.iter().map(|s| s.sink.clone()).collect(),
+                });
             } else if offset < expected {
                 tracing::warn!(
                     %topic, partition, offset, expected,
@@ -381,29 +404,39 @@ impl Loop {
     }
 }
 
-/// Reports a gap when the log no longer starts at or before `expected`.
-fn check_gap(
-    consumer: &BaseConsumer<KafkaContext>,
-    topic: &str,
+/// An offset jump to look into: was the log start moved past `expected`?
+struct GapCheck {
+    topic: String,
     partition: i32,
     expected: i64,
-    subs: &[Sub],
-) {
-    match consumer.fetch_watermarks(topic, partition, LOOKUP_TIMEOUT) {
-        Ok((low, _)) if expected < low => {
-            tracing::warn!(%topic, partition, requested = expected, available = low, "messages were deleted before they were read");
-            for sub in subs {
-                sub.sink.event(SubscriptionEvent::Gap {
-                    partition,
-                    requested: expected,
-                    available: low,
-                });
+    sinks: Vec<Arc<dyn MessageSink>>,
+}
+
+impl GapCheck {
+    /// Reports a gap when the log no longer starts at or before `expected`.
+    fn run(self, consumer: &BaseConsumer<KafkaContext>) {
+        let GapCheck {
+            topic,
+            partition,
+            expected,
+            sinks,
+        } = self;
+        match consumer.fetch_watermarks(&topic, partition, LOOKUP_TIMEOUT) {
+            Ok((low, _)) if expected < low => {
+                tracing::warn!(%topic, partition, requested = expected, available = low, "messages were deleted before they were read");
+                for sink in sinks {
+                    sink.event(SubscriptionEvent::Gap {
+                        partition,
+                        requested: expected,
+                        available: low,
+                    });
+                }
             }
-        }
-        // Transaction markers or compacted records: nothing was lost.
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(%topic, partition, error = %e, "cannot check the log start after an offset jump");
+            // Transaction markers or compacted records: nothing was lost.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, "cannot check the log start after an offset jump");
+            }
         }
     }
 }
