@@ -968,6 +968,17 @@ async fn the_ok_of_a_subscribe_comes_before_the_retained_message() {
     gw.shutdown().await;
 }
 
+/// 100 sockets subscribed to `sensors/berlin/#`.
+async fn hundred_subscribers(addr: std::net::SocketAddr) -> Vec<Client> {
+    let mut subscribers = Vec::new();
+    for _ in 0..100 {
+        let mut ws = Client::connect(addr).await;
+        ws.subscribe("sensors/berlin/#").await;
+        subscribers.push(ws);
+    }
+    subscribers
+}
+
 /// Publishes `seq` from `from` to `to` on `channel` at 500 msg/s and returns once every one is
 /// acknowledged `ok`.
 async fn stream_500_per_second(publisher: &mut Client, channel: &str, from: u64, to: u64) {
@@ -995,12 +1006,7 @@ async fn a_killed_broker_under_load_costs_no_socket_and_no_acknowledged_message(
     let mut broker = PrivateBroker::start("").await;
     let gw = gateway(&broker.url(), "kill9", "").await;
     let addr = gw.local_addr();
-    let mut subscribers = Vec::new();
-    for _ in 0..100 {
-        let mut ws = Client::connect(addr).await;
-        ws.subscribe("sensors/berlin/#").await;
-        subscribers.push(ws);
-    }
+    let mut subscribers = hundred_subscribers(addr).await;
     let mut publisher = Client::connect(addr).await;
     let channel = "sensors/berlin/stream";
     let expect_seq = async |subscribers: &mut Vec<Client>, range: std::ops::Range<u64>| {
@@ -1063,12 +1069,7 @@ async fn a_hung_broker_is_detected_and_the_stream_resumes() {
     let gw = start(&text).await;
     ready(&gw).await;
     let addr = gw.local_addr();
-    let mut subscribers = Vec::new();
-    for _ in 0..100 {
-        let mut ws = Client::connect(addr).await;
-        ws.subscribe("sensors/berlin/#").await;
-        subscribers.push(ws);
-    }
+    let mut subscribers = hundred_subscribers(addr).await;
     let mut publisher = Client::connect(addr).await;
     let channel = "sensors/berlin/stream";
     stream_500_per_second(&mut publisher, channel, 0, 250).await;

@@ -12,12 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+
+mod bench_client;
+
+use bench_client::{Ws, subscriber};
 
 /// Fan-out benchmark for wsbridge.
 #[derive(Parser, Debug, Clone)]
@@ -185,28 +189,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         gw.shutdown().await;
     }
     Ok(())
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn subscriber(url: String, channel: String) -> anyhow::Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let frame = serde_json::json!({"type": "subscribe", "id": 1, "channel": channel});
-    ws.send(Message::Text(frame.to_string().into())).await?;
-    while let Some(message) = ws.next().await {
-        if let Message::Text(text) = message? {
-            let reply: serde_json::Value = serde_json::from_str(&text)?;
-            match reply["type"].as_str() {
-                Some("ok") => return Ok(ws),
-                Some("error") => bail!("subscribe failed: {reply}"),
-                _ => {}
-            }
-        }
-    }
-    bail!("connection closed before the subscription was confirmed")
 }
 
 /// Reads messages until the last expected sequence number or the deadline; returns latencies.

@@ -19,8 +19,9 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+mod bench_client;
+
+use bench_client::{Ws, subscriber};
 
 /// Disconnect-storm benchmark for wsbridge.
 #[derive(Parser, Debug, Clone)]
@@ -191,25 +192,6 @@ async fn storm(args: &Args, url: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-async fn subscriber(url: String, channel: String) -> anyhow::Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let frame = serde_json::json!({"type": "subscribe", "id": 1, "channel": channel});
-    ws.send(Message::Text(frame.to_string().into())).await?;
-    while let Some(message) = ws.next().await {
-        if let Message::Text(text) = message? {
-            let reply: serde_json::Value = serde_json::from_str(&text)?;
-            match reply["type"].as_str() {
-                Some("ok") => return Ok(ws),
-                Some("error") => bail!("subscribe failed: {reply}"),
-                _ => {}
-            }
-        }
-    }
-    bail!("connection closed before the subscription was confirmed")
 }
 
 /// Publishes `{"t": <scheduled ns since epoch>}` on the schedule; the publisher socket also
