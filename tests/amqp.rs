@@ -563,3 +563,31 @@ async fn odd_headers_and_unmapped_routing_keys_stop_nothing_on_amqp() {
     gw.shutdown().await;
     delete_exchange(&exchange).await;
 }
+
+/// No message reaches a client before the `ok` of its subscription, even while the routing key
+/// is busy when it subscribes.
+#[tokio::test]
+async fn the_ok_of_a_subscribe_comes_before_its_messages_on_amqp() {
+    let exchange = unique("wsb.order.");
+    let gw = start_connected(&config("rabbit", &exchange, "")).await;
+    let mut publisher = Client::connect(gw.local_addr()).await;
+    // One subscriber keeps the binding in place, so later subscribers join a busy upstream.
+    let mut first = Client::connect(gw.local_addr()).await;
+    first.subscribe("orders/eu/#").await;
+    let stream = tokio::spawn(async move {
+        for n in 0..2000 {
+            publisher.publish("orders/eu/1", json!(n)).await;
+        }
+    });
+    for _ in 0..20 {
+        let mut client = Client::connect(gw.local_addr()).await;
+        client
+            .send(json!({"type": "subscribe", "id": 1, "channel": "orders/eu/#"}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["type"], "ok", "first frame after subscribe: {reply}");
+    }
+    stream.abort();
+    gw.shutdown().await;
+    delete_exchange(&exchange).await;
+}
