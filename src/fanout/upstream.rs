@@ -324,10 +324,8 @@ impl MessageSink for MemberSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RouteConfig;
     use crate::fanout::outbox::{Drained, OutItem};
-    use crate::routing::{BackendTarget, Router, TopicSyntax};
-    use crate::transform::Schemas;
+    use crate::routing::test_router;
 
     /// An encoding with a bug that one payload triggers.
     struct Fragile;
@@ -353,27 +351,9 @@ mod tests {
     static FRAGILE: Fragile = Fragile;
 
     fn route() -> Arc<Route> {
-        #[derive(serde::Deserialize)]
-        struct File {
-            routes: Vec<RouteConfig>,
-        }
-        let file: File =
-            toml::from_str("[[routes]]\nchannel = \"a/#\"\nbackend = \"local\"\ntopic = \"a/#\"\nallow = [\"subscribe\"]\n")
-                .unwrap();
-        let target = BackendTarget {
-            name: "local".into(),
-            kind: "memory",
-            syntax: TopicSyntax::SLASH,
-            keys: false,
-        };
-        let mut problems = Vec::new();
-        let router = Router::compile(
-            file.routes.iter().enumerate(),
-            &[target],
-            &Schemas::empty(),
-            &mut problems,
+        let router = test_router(
+            "[[routes]]\nchannel = \"a/#\"\nbackend = \"local\"\ntopic = \"a/#\"\nallow = [\"subscribe\"]\n",
         );
-        assert!(problems.is_empty(), "{problems:?}");
         router.routes()[0].clone()
     }
 

@@ -351,31 +351,38 @@ fn check_placeholders(
     problems
 }
 
+/// A router over `[[routes]]` TOML for one memory backend named `local`, for unit tests here
+/// and in the layers above.
+#[cfg(test)]
+pub(crate) fn test_router(routes: &str) -> Router {
+    #[derive(serde::Deserialize)]
+    struct File {
+        routes: Vec<RouteConfig>,
+    }
+    let file: File = toml::from_str(routes).expect("routes TOML");
+    let local = BackendTarget {
+        name: "local".into(),
+        kind: "memory",
+        syntax: TopicSyntax::SLASH,
+        keys: false,
+    };
+    let mut problems = Vec::new();
+    let router = Router::compile(
+        file.routes.iter().enumerate(),
+        &[local],
+        &Schemas::empty(),
+        &mut problems,
+    );
+    assert_eq!(problems, vec![]);
+    router
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn router(routes: &str) -> Router {
-        #[derive(serde::Deserialize)]
-        struct File {
-            routes: Vec<RouteConfig>,
-        }
-        let file: File = toml::from_str(routes).unwrap();
-        let local = BackendTarget {
-            name: "local".into(),
-            kind: "memory",
-            syntax: TopicSyntax::SLASH,
-            keys: false,
-        };
-        let mut problems = Vec::new();
-        let router = Router::compile(
-            file.routes.iter().enumerate(),
-            &[local],
-            &Schemas::empty(),
-            &mut problems,
-        );
-        assert_eq!(problems, vec![]);
-        router
+        test_router(routes)
     }
 
     fn resolve(router: &Router, pattern: &str) -> Result<(usize, String), RouteError> {
