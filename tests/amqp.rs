@@ -5,8 +5,8 @@ mod amqp_support;
 mod common;
 
 use amqp_support::{
-    PikaConsumer, URL, amqp_publish, binding_keys, close_connections, delete_exchange,
-    delete_queue, pika_get, pika_publish, pika_publish_bytes, start_connected,
+    PikaConsumer, PrivateRabbit, URL, amqp_publish, binding_keys, close_connections,
+    delete_exchange, delete_queue, pika_get, pika_publish, pika_publish_bytes, start_connected,
 };
 use common::{Client, eventually, http_get, unique};
 use serde_json::json;
@@ -454,6 +454,45 @@ allow = ["subscribe", "publish"]
 }
 
 #[tokio::test]
+async fn a_work_queue_consumer_the_broker_cancels_is_made_again() {
+    let backend = unique("rabbit");
+    let exchange = unique("wsb.cancel.");
+    let queue = unique("wsb.cancelled.");
+    let extra = format!(
+        r##"
+[[routes]]
+channel = "jobs/{{kind}}"
+backend = "{backend}"
+exchange = "{exchange}"
+queue = "{queue}"
+topic = "jobs.{{kind}}"
+allow = ["subscribe"]
+"##
+    );
+    let gw = start_connected(&config(&backend, &exchange, &extra)).await;
+    let addr = gw.local_addr();
+    let mut worker = Client::connect(addr).await;
+    worker.subscribe("jobs/+").await;
+    pika_publish(&exchange, "jobs.one", "1", json!({})).await;
+    assert_eq!(worker.next_message().await["payload"], 1);
+
+    // Deleting the queue makes RabbitMQ cancel the gateway's consumer. The subscription is not
+    // left without a consumer: the backend reconnects, declares the queue again and consumes it.
+    delete_queue(&queue).await;
+    let down = worker.next_of("status").await;
+    assert_eq!(down["code"], "backend_down", "{down}");
+    assert_eq!(down["subscriptions"], json!(["jobs/+"]));
+    let up = worker.next_of("status").await;
+    assert_eq!(up["code"], "backend_up", "{up}");
+    pika_publish(&exchange, "jobs.two", "2", json!({})).await;
+    let m = worker.next_message().await;
+    assert_eq!(m["channel"], "jobs/two");
+    assert_eq!(m["payload"], 2);
+    gw.shutdown().await;
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
 async fn a_stalled_socket_does_not_hold_up_the_consumer() {
     let exchange = unique("wsb.slow.");
     let text = format!(
@@ -590,4 +629,117 @@ async fn the_ok_of_a_subscribe_comes_before_its_messages_on_amqp() {
     stream.abort();
     gw.shutdown().await;
     delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn a_panic_while_dispatching_skips_that_message_and_the_consumer_goes_on() {
+    use common::faulty::{self, BOOM, HealthLog, Panicky};
+    let backend_name = unique("rabbit");
+    let exchange = unique("wsb.panic.");
+    let (backend, panics) = faulty::build(&config(&backend_name, &exchange, ""), &backend_name);
+    let health = HealthLog::start(backend.as_ref());
+    health.wait_up("the backend connects").await;
+    let sink = std::sync::Arc::new(Panicky::default());
+    faulty::subscribe(backend.as_ref(), 1, "orders.eu.#", sink.clone()).await;
+    pika_publish(&exchange, "orders.eu.1", "one", json!({})).await;
+    sink.wait_for(b"one").await;
+
+    // The panic is caught around the one dispatch: the message is acknowledged and skipped (given
+    // back, it would come again forever), the connection stays up and the next message arrives.
+    pika_publish(
+        &exchange,
+        "orders.eu.2",
+        std::str::from_utf8(BOOM).unwrap(),
+        json!({}),
+    )
+    .await;
+    pika_publish(&exchange, "orders.eu.3", "two", json!({})).await;
+    sink.wait_for(b"two").await;
+    faulty::assert_contained(&sink, &panics, &health);
+    backend.close().await;
+}
+
+/// A private RabbitMQ node under a 500 msg/s stream to 100 subscribers is killed (SIGKILL) and
+/// started again, then hung (SIGSTOP) past the heartbeat and thawed, then has the gateway's
+/// connection closed by `rabbitmqctl`. Each time every socket stays open, hears `backend_down`
+/// and `backend_up`, and gets the stream again without reconnecting; a publish meanwhile gets an
+/// error (within `confirm_timeout`), never a hang; every publish acknowledged `ok` reaches an
+/// independent pika consumer on the node.
+#[tokio::test]
+async fn a_killed_hung_or_disconnected_node_costs_no_socket_and_no_acknowledged_message() {
+    let mut rabbit = PrivateRabbit::start().await;
+    let backend = unique("rabbit");
+    let exchange = unique("wsb.faults.");
+    let text = config(&backend, &exchange, "")
+        .replace(URL, &rabbit.url())
+        .replace(
+            "reconnect_initial = \"1s\"",
+            "reconnect_initial = \"200ms\"\nreconnect_max = \"1s\"",
+        );
+    let gw = start_connected(&text).await;
+    let addr = gw.local_addr();
+    let mut subscribers = common::hundred_subscribers(addr, "orders/eu/#").await;
+    let mut publisher = Client::connect(addr).await;
+    let channel = "orders/eu/stream";
+    let expect_broker = async |consumer: &mut PikaConsumer, range: std::ops::Range<u64>| {
+        for seq in range {
+            let got = consumer.next().await;
+            assert_eq!(got["body"], format!("{{\"seq\":{seq}}}"), "{got}");
+        }
+    };
+
+    let mut independent =
+        PikaConsumer::start_at(&rabbit.client_url(), &exchange, "orders.eu.#", 500).await;
+    common::stream_500_per_second(&mut publisher, channel, 0, 500).await;
+    common::expect_stream(&mut subscribers, 0..500, &[]).await;
+    expect_broker(&mut independent, 0..500).await;
+
+    // Killed: the node loses its connections (and the transient exchange) at once.
+    rabbit.kill().await;
+    common::expect_status(&mut subscribers, "backend_down").await;
+    let reply = publisher.publish(channel, json!({"seq": -1})).await;
+    assert_eq!(reply["code"], "backend_unavailable", "{reply}");
+    rabbit.run().await;
+    common::expect_status(&mut subscribers, "backend_up").await;
+    let mut independent =
+        PikaConsumer::start_at(&rabbit.client_url(), &exchange, "orders.eu.#", 500).await;
+    common::stream_500_per_second(&mut publisher, channel, 500, 1000).await;
+    common::expect_stream(&mut subscribers, 500..1000, &[]).await;
+    expect_broker(&mut independent, 500..1000).await;
+
+    // Hung: nothing answers; missed heartbeats (2 s here) tell. The publish is answered with an
+    // error within confirm_timeout (5 s); its outcome is unknown, so it may still arrive.
+    let mut independent =
+        PikaConsumer::start_at(&rabbit.client_url(), &exchange, "orders.eu.#", 501).await;
+    rabbit.freeze(true).await;
+    let reply = publisher.publish(channel, json!({"seq": -2})).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    common::expect_status(&mut subscribers, "backend_down").await;
+    rabbit.freeze(false).await;
+    common::expect_status(&mut subscribers, "backend_up").await;
+    common::stream_500_per_second(&mut publisher, channel, 1000, 1500).await;
+    common::expect_stream(&mut subscribers, 1000..1500, &[-2]).await;
+    let mut next = independent.next().await;
+    if next["body"] == r#"{"seq":-2}"# {
+        next = independent.next().await;
+    }
+    assert_eq!(next["body"], r#"{"seq":1000}"#, "{next}");
+    expect_broker(&mut independent, 1001..1500).await;
+
+    // Closed by the operator: the gateway reconnects on its own.
+    let mut independent =
+        PikaConsumer::start_at(&rabbit.client_url(), &exchange, "orders.eu.#", 500).await;
+    assert_eq!(rabbit.close_connections(&backend).await, 1);
+    common::expect_status(&mut subscribers, "backend_down").await;
+    common::expect_status(&mut subscribers, "backend_up").await;
+    common::stream_500_per_second(&mut publisher, channel, 1500, 2000).await;
+    common::expect_stream(&mut subscribers, 1500..2000, &[]).await;
+    expect_broker(&mut independent, 1500..2000).await;
+
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(
+        metrics.contains("wsbridge_connections 101\n"),
+        "no socket was lost"
+    );
+    gw.shutdown().await;
 }

@@ -968,35 +968,6 @@ async fn the_ok_of_a_subscribe_comes_before_the_retained_message() {
     gw.shutdown().await;
 }
 
-/// 100 sockets subscribed to `sensors/berlin/#`.
-async fn hundred_subscribers(addr: std::net::SocketAddr) -> Vec<Client> {
-    let mut subscribers = Vec::new();
-    for _ in 0..100 {
-        let mut ws = Client::connect(addr).await;
-        ws.subscribe("sensors/berlin/#").await;
-        subscribers.push(ws);
-    }
-    subscribers
-}
-
-/// Publishes `seq` from `from` to `to` on `channel` at 500 msg/s and returns once every one is
-/// acknowledged `ok`.
-async fn stream_500_per_second(publisher: &mut Client, channel: &str, from: u64, to: u64) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(2));
-    for seq in from..to {
-        tick.tick().await;
-        publisher
-            .send(
-                json!({"type": "publish", "id": seq, "channel": channel, "payload": {"seq": seq}}),
-            )
-            .await;
-    }
-    for seq in from..to {
-        let reply = publisher.reply_to(json!(seq)).await;
-        assert_eq!(reply["type"], "ok", "publish {seq}: {reply}");
-    }
-}
-
 /// The broker is killed (SIGKILL) under a 500 msg/s stream to 100 subscribers and started
 /// again: every socket stays open, hears `backend_down` and `backend_up`, and gets the stream
 /// again without reconnecting; publishes meanwhile fail at once; every acknowledged publish is
@@ -1006,7 +977,7 @@ async fn a_killed_broker_under_load_costs_no_socket_and_no_acknowledged_message(
     let mut broker = PrivateBroker::start("").await;
     let gw = gateway(&broker.url(), "kill9", "").await;
     let addr = gw.local_addr();
-    let mut subscribers = hundred_subscribers(addr).await;
+    let mut subscribers = common::hundred_subscribers(addr, "sensors/berlin/#").await;
     let mut publisher = Client::connect(addr).await;
     let channel = "sensors/berlin/stream";
     let expect_seq = async |subscribers: &mut Vec<Client>, range: std::ops::Range<u64>| {
@@ -1025,7 +996,7 @@ async fn a_killed_broker_under_load_costs_no_socket_and_no_acknowledged_message(
     };
 
     let mut independent = MosquittoSub::start(broker.port, "kill9/#").await;
-    stream_500_per_second(&mut publisher, channel, 0, 500).await;
+    common::stream_500_per_second(&mut publisher, channel, 0, 500).await;
     expect_seq(&mut subscribers, 0..500).await;
     expect_broker(&mut independent, 0..500).await;
 
@@ -1043,7 +1014,7 @@ async fn a_killed_broker_under_load_costs_no_socket_and_no_acknowledged_message(
         assert_eq!(status["code"], "backend_up", "{status}");
     }
     let mut independent = MosquittoSub::start(broker.port, "kill9/#").await;
-    stream_500_per_second(&mut publisher, channel, 500, 1000).await;
+    common::stream_500_per_second(&mut publisher, channel, 500, 1000).await;
     expect_seq(&mut subscribers, 500..1000).await;
     expect_broker(&mut independent, 500..1000).await;
     let (_, metrics) = http_get(addr, "/metrics").await;
@@ -1069,10 +1040,10 @@ async fn a_hung_broker_is_detected_and_the_stream_resumes() {
     let gw = start(&text).await;
     ready(&gw).await;
     let addr = gw.local_addr();
-    let mut subscribers = hundred_subscribers(addr).await;
+    let mut subscribers = common::hundred_subscribers(addr, "sensors/berlin/#").await;
     let mut publisher = Client::connect(addr).await;
     let channel = "sensors/berlin/stream";
-    stream_500_per_second(&mut publisher, channel, 0, 250).await;
+    common::stream_500_per_second(&mut publisher, channel, 0, 250).await;
     for ws in &mut subscribers {
         for seq in 0..250 {
             assert_eq!(ws.next_message().await["payload"]["seq"], seq);
@@ -1093,7 +1064,7 @@ async fn a_hung_broker_is_detected_and_the_stream_resumes() {
         let status = ws.next_of("status").await;
         assert_eq!(status["code"], "backend_up", "{status}");
     }
-    stream_500_per_second(&mut publisher, channel, 250, 500).await;
+    common::stream_500_per_second(&mut publisher, channel, 250, 500).await;
     for ws in &mut subscribers {
         for seq in 250..500 {
             let mut m = ws.next_message().await;
@@ -1105,4 +1076,54 @@ async fn a_hung_broker_is_detected_and_the_stream_resumes() {
         }
     }
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_panic_in_the_delivery_loop_restarts_it_and_reports_down_until_it_delivers_again() {
+    use common::faulty::{self, BOOM, HealthLog, Panicky};
+    let prefix = unique("wsb/loop/");
+    let text = format!(
+        r##"
+[backends.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{SHARED_PORT}"
+reconnect_min_delay = "500ms"
+
+[[routes]]
+channel = "p/#"
+backend = "plant"
+topic = "{prefix}/#"
+allow = ["subscribe"]
+"##
+    );
+    let (backend, panics) = faulty::build(&text, "plant");
+    let health = HealthLog::start(backend.as_ref());
+    health.wait_up("the backend connects").await;
+    let sink = std::sync::Arc::new(Panicky::default());
+    faulty::subscribe(backend.as_ref(), 1, &format!("{prefix}/#"), sink.clone()).await;
+    let topic = format!("{prefix}/a");
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", "one"]).await;
+    sink.wait_for(b"one").await;
+
+    // The subscriber panics inside the backend's delivery loop: the loop is restarted on a new
+    // connection, the backend is down until it has subscribed again, and messages flow again.
+    let before = health.entries().len();
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", "boom"]).await;
+    health
+        .wait("down, then up again", |log| {
+            let after = &log[before.min(log.len())..];
+            after.iter().any(|h| !h.is_up()) && after.last().is_some_and(|h| h.is_up())
+        })
+        .await;
+    assert_eq!(panics.get(), 1);
+    mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", "two"]).await;
+    sink.wait_for(b"two").await;
+    let received = sink.received();
+    let boom = received
+        .iter()
+        .position(|p| p == BOOM)
+        .expect("boom was delivered");
+    assert_eq!(received[..boom], [b"one".to_vec()]);
+    assert_eq!(received.last().map(Vec::as_slice), Some(&b"two"[..]));
+    backend.close().await;
 }

@@ -16,9 +16,9 @@ pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// pika as a command-line client: `publish`, `consume`, `get`, `delete_exchange`,
 /// `delete_queue`, `declare_queue`. Output is one JSON object per line.
 const PIKA: &str = r#"
-import json, sys, pika
+import json, os, sys, pika
 
-URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
+URL = os.environ.get("PIKA_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 def text(v):
     if isinstance(v, bytes):
@@ -143,9 +143,14 @@ pub struct PikaConsumer {
 impl PikaConsumer {
     /// Starts consuming; returns once the binding exists.
     pub async fn start(exchange: &str, key: &str, count: usize) -> PikaConsumer {
+        Self::start_at(URL, exchange, key, count).await
+    }
+
+    /// [`PikaConsumer::start`] on the broker at `url`.
+    pub async fn start_at(url: &str, exchange: &str, key: &str, count: usize) -> PikaConsumer {
         let count = count.to_string();
         let mut command = pika(&["consume", exchange, key, &count]);
-        command.stdout(Stdio::piped());
+        command.env("PIKA_URL", url).stdout(Stdio::piped());
         let mut child = command.spawn().expect("python3 starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut consumer = PikaConsumer {
@@ -183,6 +188,16 @@ async fn rabbitmqctl(args: &[&str]) -> String {
     run(command, "rabbitmqctl").await
 }
 
+/// The pids of the connections whose client properties mention `marker`, from
+/// `rabbitmqctl list_connections pid client_properties` output.
+fn connection_pids(listing: &str, marker: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter(|line| line.contains(marker))
+        .filter_map(|line| line.split('\t').next().map(str::to_owned))
+        .collect()
+}
+
 /// The routing keys of the queue bindings whose source is `exchange`.
 pub async fn binding_keys(exchange: &str) -> Vec<String> {
     let out = rabbitmqctl(&[
@@ -216,11 +231,7 @@ pub async fn close_connections(marker: &str) -> usize {
         "client_properties",
     ])
     .await;
-    let pids: Vec<String> = out
-        .lines()
-        .filter(|line| line.contains(marker))
-        .filter_map(|line| line.split('\t').next().map(str::to_owned))
-        .collect();
+    let pids = connection_pids(&out, marker);
     for pid in &pids {
         rabbitmqctl(&["-q", "close_connection", pid, "closed by the fault test"]).await;
     }
@@ -232,4 +243,183 @@ pub async fn start_connected(config: &str) -> wsbridge::Gateway {
     let gw = start(config).await;
     eventually("the AMQP backend connects", async || gw.hub().is_ready()).await;
     gw
+}
+
+/// The RabbitMQ distribution's own scripts: run as root they keep root's Erlang cookie (the
+/// `/usr/sbin` wrappers switch to the service's user, who could not write a test's directory).
+const RABBIT_BIN: &str = "/usr/lib/rabbitmq/bin";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A RabbitMQ node of its own (own name, ports and data directory), started by a test so it can
+/// be killed, frozen and restarted; killed when dropped.
+pub struct PrivateRabbit {
+    pub port: u16,
+    node: String,
+    dir: std::path::PathBuf,
+    dist_port: u16,
+    server: Option<Child>,
+}
+
+impl PrivateRabbit {
+    pub async fn start() -> PrivateRabbit {
+        let node = format!("{}@localhost", crate::common::unique("wsbtest"));
+        let dir = std::env::temp_dir().join(crate::common::unique("wsbridge-rabbit-"));
+        std::fs::create_dir_all(&dir).expect("create the node's directory");
+        // No plugins: the machine's node already holds the management ports.
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        let mut rabbit = PrivateRabbit {
+            port: free_port(),
+            node,
+            dir,
+            dist_port: free_port(),
+            server: None,
+        };
+        rabbit.run().await;
+        rabbit
+    }
+
+    /// Where the gateway connects: heartbeats every 2 s, so a hung node is noticed quickly.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f?heartbeat=2", self.port)
+    }
+
+    /// Where independent clients connect.
+    pub fn client_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn port_open(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
+    /// Starts (or restarts) the node and waits until it accepts AMQP connections.
+    pub async fn run(&mut self) {
+        assert!(self.server.is_none(), "the node is already running");
+        let dir = &self.dir;
+        let log = std::fs::File::create(dir.join("server.out")).expect("create the server log");
+        let server = Command::new(format!("{RABBIT_BIN}/rabbitmq-server"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("none"))
+            .current_dir(dir)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("rabbitmq-server starts");
+        self.server = Some(server);
+        // A node boots in seconds on an idle machine; allow for a busy one.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+        while !self.port_open() {
+            let exited = self
+                .server
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none() && tokio::time::Instant::now() < deadline,
+                "the private RabbitMQ node did not start ({exited:?}):\n{}",
+                std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The Erlang VM's pid (the server script's child).
+    fn vm_pid(&self) -> String {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node wrote its pid");
+        pid.trim().to_owned()
+    }
+
+    async fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.vm_pid())
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} of the node");
+    }
+
+    /// Kills the node at once (SIGKILL), as a crash would, and waits until it is gone.
+    pub async fn kill(&mut self) {
+        self.signal("KILL").await;
+        let mut server = self.server.take().expect("the node is running");
+        tokio::time::timeout(WAIT, server.wait())
+            .await
+            .expect("the server script ends with its VM")
+            .expect("wait for the server script");
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the node: its connections stay open, but it answers
+    /// nothing meanwhile.
+    pub async fn freeze(&self, frozen: bool) {
+        self.signal(if frozen { "STOP" } else { "CONT" }).await;
+    }
+
+    /// Closes the connections whose client properties mention `marker`; returns how many.
+    pub async fn close_connections(&self, marker: &str) -> usize {
+        let ctl = |args: &[&str]| {
+            let mut command = Command::new(format!("{RABBIT_BIN}/rabbitmqctl"));
+            command
+                .arg("-n")
+                .arg(&self.node)
+                .args(args)
+                .kill_on_drop(true);
+            command
+        };
+        let out = run(
+            ctl(&[
+                "-q",
+                "list_connections",
+                "--no-table-headers",
+                "pid",
+                "client_properties",
+            ]),
+            "rabbitmqctl list_connections",
+        )
+        .await;
+        let pids = connection_pids(&out, marker);
+        for pid in &pids {
+            run(
+                ctl(&["-q", "close_connection", pid, "closed by the fault test"]),
+                "rabbitmqctl close_connection",
+            )
+            .await;
+        }
+        pids.len()
+    }
+
+    /// Publishes with pika on this node, with publisher confirms.
+    pub async fn pika_publish(&self, exchange: &str, key: &str, body: &str) {
+        let mut command = pika(&["publish", exchange, key, body, "{}"]);
+        command.env("PIKA_URL", self.client_url());
+        run(command, "pika publish").await;
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        if self.server.is_some()
+            && let Ok(pid) = std::fs::read_to_string(self.dir.join("pid"))
+        {
+            // SIGKILL also ends a frozen VM.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", pid.trim()])
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsbridge::{Config, Gateway};
 
+pub mod faulty;
 pub mod input;
 
 /// How long a test waits for something that should happen promptly.
@@ -301,5 +302,63 @@ pub async fn flood(publisher: &mut Client, channel: &str, total: u64, pad_bytes:
             let reply = publisher.reply_to(json!(seq)).await;
             assert_eq!(reply["type"], "ok", "publish {seq}: {reply}");
         }
+    }
+}
+
+/// 100 sockets subscribed to `pattern`.
+pub async fn hundred_subscribers(addr: SocketAddr, pattern: &str) -> Vec<Client> {
+    let mut subscribers = Vec::new();
+    for _ in 0..100 {
+        let mut ws = Client::connect(addr).await;
+        ws.subscribe(pattern).await;
+        subscribers.push(ws);
+    }
+    subscribers
+}
+
+/// Publishes `{"seq": n}` for n from `from` to `to` on `channel` at 500 msg/s and returns once
+/// every one is acknowledged `ok`.
+pub async fn stream_500_per_second(publisher: &mut Client, channel: &str, from: u64, to: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    for seq in from..to {
+        tick.tick().await;
+        publisher
+            .send(
+                json!({"type": "publish", "id": seq, "channel": channel, "payload": {"seq": seq}}),
+            )
+            .await;
+    }
+    for seq in from..to {
+        let reply = publisher.reply_to(json!(seq)).await;
+        assert_eq!(reply["type"], "ok", "publish {seq}: {reply}");
+    }
+}
+
+/// Checks that every subscriber gets `{"seq": n}` for each n in `range`, in order. A message
+/// whose `seq` is in `unknown` (a publish whose outcome was unknown) may come in between.
+pub async fn expect_stream(
+    subscribers: &mut [Client],
+    range: std::ops::Range<u64>,
+    unknown: &[i64],
+) {
+    for ws in subscribers.iter_mut() {
+        for seq in range.clone() {
+            let mut m = ws.next_message().await;
+            while m["payload"]["seq"]
+                .as_i64()
+                .is_some_and(|s| unknown.contains(&s))
+            {
+                m = ws.next_message().await;
+            }
+            assert_eq!(m["payload"]["seq"], seq, "{m}");
+        }
+    }
+}
+
+/// Checks that the next status every subscriber gets has `code`.
+pub async fn expect_status(subscribers: &mut [Client], code: &str) {
+    for ws in subscribers.iter_mut() {
+        let status = ws.next_of("status").await;
+        assert_eq!(status["code"], code, "{status}");
     }
 }

@@ -45,7 +45,7 @@ use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ConnectionStatus, Consumer, ErrorKind,
     Event, ExchangeKind,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::adapter::{
@@ -129,6 +129,9 @@ struct Session {
     queue: ShortString,
     /// Work-queue consumers, by queue name.
     work: HashMap<String, WorkConsumer>,
+    /// Told why when a work-queue consumer ends while it is still wanted; the connection is
+    /// then made again, as after a broker fault.
+    lost: mpsc::UnboundedSender<String>,
 }
 
 struct WorkConsumer {
@@ -142,6 +145,8 @@ struct Running {
     events: futures_util::stream::BoxStream<'static, Event>,
     channel: Channel,
     consumer: Consumer,
+    /// Why a work-queue consumer of this connection ended unexpectedly.
+    lost: mpsc::UnboundedReceiver<String>,
 }
 
 impl AmqpBackend {
@@ -399,11 +404,13 @@ impl Shared {
             .map_err(step("consuming the private queue"))?;
 
         let mut session = self.session.lock().await;
+        let (lost, lost_reasons) = mpsc::unbounded_channel();
         let mut live = Session {
             connection,
             topology: Some(topology),
             queue: queue.name().clone(),
             work: HashMap::new(),
+            lost,
         };
         let sources = self.registry().sources();
         for source in &sources {
@@ -420,6 +427,7 @@ impl Shared {
             events,
             channel,
             consumer,
+            lost: lost_reasons,
         })
     }
 
@@ -430,6 +438,7 @@ impl Shared {
             mut events,
             channel,
             consumer,
+            mut lost,
         } = running;
         let watch_connection = async {
             while let Some(event) = events.next().await {
@@ -444,6 +453,7 @@ impl Shared {
         tokio::select! {
             reason = self.consume(channel, consumer, None) => reason,
             reason = watch_connection => reason,
+            Some(reason) = lost.recv() => reason,
         }
     }
 
@@ -713,6 +723,7 @@ impl Session {
                 let tag = consumer.tag();
                 let worker = shared.clone();
                 let (queue_name, consume_channel) = (queue.clone(), channel.clone());
+                let (own_tag, lost) = (tag.clone(), self.lost.clone());
                 tokio::spawn(async move {
                     let consumed =
                         worker.consume(consume_channel.clone(), consumer, Some(&queue_name));
@@ -721,7 +732,24 @@ impl Session {
                         tracing::error!(backend = %worker.name, queue = %queue_name, %panic, "an AMQP work-queue consumer panicked");
                         format!("the consumer failed ({panic})")
                     });
-                    tracing::debug!(backend = %worker.name, queue = %queue_name, %reason, "work queue consumer ended");
+                    // Ended by an unsubscribe, the consumer is no longer listed; ended with its
+                    // connection, that connection is being made again anyway. Otherwise (a
+                    // panic, the broker cancelling it because the queue was deleted) its
+                    // subscribers would silently get nothing more: make the connection again.
+                    let wanted = worker.session.lock().await.as_ref().is_some_and(|session| {
+                        session
+                            .work
+                            .get(&queue_name)
+                            .is_some_and(|consumer| consumer.tag == own_tag)
+                    });
+                    if wanted && consume_channel.status().connected() {
+                        tracing::warn!(backend = %worker.name, queue = %queue_name, %reason, "an AMQP work-queue consumer ended while subscribed; reconnecting");
+                        let _ = lost.send(format!(
+                            "the consumer of work queue {queue_name:?} ended ({reason})"
+                        ));
+                    } else {
+                        tracing::debug!(backend = %worker.name, queue = %queue_name, %reason, "work queue consumer ended");
+                    }
                     if consume_channel.status().connected() {
                         let _ = consume_channel.close(200, "unsubscribed".into()).await;
                     }
