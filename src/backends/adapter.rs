@@ -78,6 +78,13 @@ pub enum SubscriptionEvent {
 pub trait MessageSink: Send + Sync {
     fn deliver(&self, message: BrokerMessage);
     fn event(&self, event: SubscriptionEvent);
+
+    /// Whether every subscriber behind the sink can take another message now without its
+    /// slow-consumer policy dropping or disconnecting. A backend reading a replay (a log read
+    /// from a past position) waits while this is false, so a replay goes at its client's pace.
+    fn has_room(&self) -> bool {
+        true
+    }
 }
 
 /// An upstream subscription requested by the core.

@@ -118,6 +118,7 @@ pub struct SubscriptionHandle {
     upstream: Arc<Upstream>,
     route: Arc<Route>,
     pattern: ChannelPattern,
+    member: Member,
 }
 
 impl SubscriptionHandle {
@@ -260,7 +261,6 @@ impl Hub {
             key: resolved.key,
             private,
         };
-        let session = member.session;
         let (upstream, shared) = {
             let mut table = self.table();
             let mut shared = true;
@@ -274,19 +274,20 @@ impl Hub {
                     subscribed: tokio::sync::Mutex::new(false),
                 })
             });
-            upstream.fanout.add(&route, &pattern, member);
+            upstream.fanout.add(&route, &pattern, member.clone());
             (upstream.clone(), shared)
         };
         if shared && slot.capabilities.retained {
             // The broker sends nothing new for a client joining an existing upstream; the
             // backend hands it what the broker would have (MQTT retained messages).
-            let sink = upstream.fanout.member_sink(&route, &pattern, session);
+            let sink = upstream.fanout.member_sink(&route, &pattern, &member);
             slot.backend.joined(upstream.id, sink);
         }
         let handle = SubscriptionHandle {
             upstream,
             route,
             pattern,
+            member,
         };
 
         let upstream = handle.upstream.clone();
@@ -315,7 +316,7 @@ impl Hub {
                         let _ = slot.backend.unsubscribe(upstream.id).await;
                     }
                     drop(subscribed);
-                    self.release(&handle, session).await;
+                    self.release(&handle).await;
                     return Err(e.into());
                 }
             }
@@ -332,18 +333,18 @@ impl Hub {
     }
 
     /// Ends a connection's membership; the upstream is released with its last member.
-    pub async fn unsubscribe(&self, handle: SubscriptionHandle, session: u64) {
-        self.release(&handle, session).await;
+    pub async fn unsubscribe(&self, handle: SubscriptionHandle) {
+        self.release(&handle).await;
     }
 
-    async fn release(&self, handle: &SubscriptionHandle, session: u64) {
+    async fn release(&self, handle: &SubscriptionHandle) {
         let upstream = &handle.upstream;
         if handle.is_replay() {
             self.replays.fetch_sub(1, Ordering::Relaxed);
         }
         if upstream
             .fanout
-            .remove(&handle.route, &handle.pattern, session)
+            .remove(&handle.route, &handle.pattern, &handle.member)
             > 0
         {
             return;

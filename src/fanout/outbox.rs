@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
@@ -42,6 +43,8 @@ pub enum Pushed {
     Disconnected,
     /// The connection is already closing; the message was discarded.
     Closed,
+    /// The subscription it was for has ended; the message was discarded.
+    Unsubscribed,
 }
 
 /// A close the writer must send before ending the connection.
@@ -110,9 +113,33 @@ impl Outbox {
 
     /// Queues a broker message, applying `policy` when the queue is full.
     pub fn push_message(&self, frame: Frame, policy: SlowConsumerPolicy) -> Pushed {
+        self.push_for(frame, policy, None)
+    }
+
+    /// [`Outbox::push_message`] for a subscription that is live while `live` is true. The flag is
+    /// read under the queue's lock, so once it is cleared no message for that subscription can
+    /// be queued behind a reply pushed afterwards (an unsubscribe's `ok`).
+    pub fn push_message_while(
+        &self,
+        frame: Frame,
+        policy: SlowConsumerPolicy,
+        live: &AtomicBool,
+    ) -> Pushed {
+        self.push_for(frame, policy, Some(live))
+    }
+
+    fn push_for(
+        &self,
+        frame: Frame,
+        policy: SlowConsumerPolicy,
+        live: Option<&AtomicBool>,
+    ) -> Pushed {
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
+        }
+        if live.is_some_and(|live| !live.load(Ordering::Acquire)) {
+            return Pushed::Unsubscribed;
         }
         let mut outcome = Pushed::Queued;
         if self.is_full(&state, frame.len()) {
@@ -157,6 +184,13 @@ impl Outbox {
             self.ready.notify_one();
         }
         outcome
+    }
+
+    /// Whether one more message fits without the slow-consumer policy acting (a closing
+    /// connection discards what it is given, so it never makes anyone wait).
+    pub fn has_room(&self) -> bool {
+        let state = self.lock();
+        state.close.is_some() || !self.is_full(&state, 0)
     }
 
     /// Queues a reply or status frame. Control frames are never dropped; a client that lets them

@@ -316,6 +316,16 @@ impl KafkaConfig {
         }
         config
     }
+
+    /// A replay consumer's settings: a replay waits for its client, and while it waits
+    /// librdkafka holds what it fetched ahead, so that is kept small (4 MiB unless configured).
+    pub fn replay_consumer(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.consumer(group_id);
+        if !self.properties.contains_key("queued.max.messages.kbytes") {
+            config.set("queued.max.messages.kbytes", "4096");
+        }
+        config
+    }
 }
 
 /// A TOML key as it would be written in a path: quoted when it contains dots.

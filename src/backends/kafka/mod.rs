@@ -154,6 +154,7 @@ impl KafkaBackend {
             &config.consumer(&group_id),
             context.clone(),
             format!("{}-live", cx.name),
+            false,
             cx.panics.clone(),
         )
         .map_err(BackendError::Failed)?;
@@ -349,9 +350,10 @@ impl KafkaBackend {
             });
         }
         let reader = Reader::start(
-            &self.config.consumer(&self.group_id),
+            &self.config.replay_consumer(&self.group_id),
             self.context.clone(),
             format!("{}-replay-{}", self.name, sub.id),
+            true,
             self.panics.clone(),
         )
         .map_err(BackendError::Failed)?;

@@ -14,6 +14,10 @@
 //! log start, so the delivery loop never waits on a network round trip; if the expected offset
 //! is below it, the messages in between were deleted and every subscription on the topic gets
 //! a gap event (shortly after the first message past the gap).
+//!
+//! A paced reader (a replay's) takes a message only while its subscribers have room
+//! ([`MessageSink::has_room`]): a client that reads slowly slows its replay down instead of
+//! losing messages to its slow-consumer policy.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -38,6 +42,8 @@ use crate::backends::adapter::{
 const POLL: Duration = Duration::from_millis(50);
 /// Most messages handled between two looks at the command queue.
 const BATCH: usize = 1024;
+/// How long a paced reader waits before looking again whether its subscribers have room.
+const PACE: Duration = Duration::from_millis(5);
 /// Longest wait for the broker in a lookup (offsets, metadata).
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -95,6 +101,7 @@ impl Reader {
         config: &ClientConfig,
         context: KafkaContext,
         name: String,
+        paced: bool,
         panics: prometheus::IntCounter,
     ) -> Result<Reader, String> {
         let consumer: BaseConsumer<KafkaContext> = config
@@ -121,7 +128,7 @@ impl Reader {
             .spawn({
                 let consumer = consumer.clone();
                 let topics = topics.clone();
-                move || Loop::new(consumer, receiver, topics, gaps, panics).run()
+                move || Loop::new(consumer, receiver, topics, gaps, paced, panics).run()
             })
             .map_err(|e| format!("cannot start a consumer thread: {e}"))?;
         Ok(Reader {
@@ -196,6 +203,8 @@ struct Loop {
     last_error: Option<String>,
     /// Offset jumps for the gap-checking thread.
     gaps: mpsc::Sender<GapCheck>,
+    /// Whether to take messages only while every subscriber has room.
+    paced: bool,
     panics: prometheus::IntCounter,
 }
 
@@ -205,6 +214,7 @@ impl Loop {
         commands: mpsc::Receiver<Command>,
         topic_count: Arc<AtomicUsize>,
         gaps: mpsc::Sender<GapCheck>,
+        paced: bool,
         panics: prometheus::IntCounter,
     ) -> Self {
         Loop {
@@ -214,8 +224,20 @@ impl Loop {
             topics: HashMap::new(),
             last_error: None,
             gaps,
+            paced,
             panics,
         }
+    }
+
+    /// Whether the next message may be taken: always, unless paced and a subscriber is full.
+    /// (Without group membership, not polling for a while is harmless: librdkafka stops
+    /// fetching once its local queue is full.)
+    fn may_take(&self) -> bool {
+        !self.paced
+            || self
+                .topics
+                .values()
+                .all(|state| state.subs.iter().all(|sub| sub.sink.has_room()))
     }
 
     /// Counts and logs a panic caught on this thread; the thread goes on with the next step.
@@ -239,6 +261,10 @@ impl Loop {
                     Err(mpsc::TryRecvError::Empty) => break,
                 }
             }
+            if !self.may_take() {
+                std::thread::sleep(PACE);
+                continue;
+            }
             let consumer = self.consumer.clone();
             let mut next = consumer.poll(POLL);
             let mut handled = 0;
@@ -253,7 +279,7 @@ impl Loop {
                     Err(e) => self.consumer_error(e.to_string()),
                 }
                 handled += 1;
-                if handled == BATCH {
+                if handled == BATCH || !self.may_take() {
                     break;
                 }
                 next = consumer.poll(Duration::ZERO);

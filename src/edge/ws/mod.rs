@@ -110,7 +110,7 @@ where
         expiry: expiry_instant(verified.expires_at, &cx),
         principal: verified.principal,
         outbox: outbox.clone(),
-        subscriptions: Subscriptions::new(cx.hub.clone(), id),
+        subscriptions: Subscriptions::new(cx.hub.clone()),
         limiter: RequestLimiter::new(&cx.limits, cx.config.max_message_size),
         cx,
     };
@@ -132,15 +132,13 @@ where
 /// background, so no upstream keeps a dead connection as a member.
 struct Subscriptions {
     hub: Arc<Hub>,
-    session: u64,
     held: HashMap<String, SubscriptionHandle>,
 }
 
 impl Subscriptions {
-    fn new(hub: Arc<Hub>, session: u64) -> Self {
+    fn new(hub: Arc<Hub>) -> Self {
         Subscriptions {
             hub,
-            session,
             held: HashMap::new(),
         }
     }
@@ -148,7 +146,7 @@ impl Subscriptions {
     /// Releases every subscription now.
     async fn release(&mut self) {
         for (_, handle) in self.held.drain() {
-            self.hub.unsubscribe(handle, self.session).await;
+            self.hub.unsubscribe(handle).await;
         }
     }
 }
@@ -173,12 +171,12 @@ impl Drop for Subscriptions {
             return;
         }
         let handles: Vec<SubscriptionHandle> = self.held.drain().map(|(_, h)| h).collect();
-        let (hub, session) = (self.hub.clone(), self.session);
+        let hub = self.hub.clone();
         // Without a runtime the gateway, and every upstream with it, is gone already.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 for handle in handles {
-                    hub.unsubscribe(handle, session).await;
+                    hub.unsubscribe(handle).await;
                 }
             });
         }
@@ -366,7 +364,7 @@ impl Session {
                 }
                 let reply = match self.subscriptions.remove(&channel) {
                     Some(handle) => {
-                        self.cx.hub.unsubscribe(handle, self.id).await;
+                        self.cx.hub.unsubscribe(handle).await;
                         Reply::ok(id)
                     }
                     None => Reply::error(
@@ -459,7 +457,7 @@ impl Session {
             .collect();
         for pattern in &revoked {
             if let Some(handle) = self.subscriptions.remove(pattern) {
-                self.cx.hub.unsubscribe(handle, self.id).await;
+                self.cx.hub.unsubscribe(handle).await;
             }
         }
         if !revoked.is_empty() {
@@ -511,11 +509,7 @@ impl Session {
                 ),
             ));
         }
-        let member = Member {
-            session: self.id,
-            outbox: self.outbox.clone(),
-            encoding: self.protocol.encoding(),
-        };
+        let member = Member::new(self.id, self.outbox.clone(), self.protocol.encoding());
         let handle = self
             .cx
             .hub
