@@ -673,3 +673,155 @@ async fn replay_subscriptions_are_bounded() {
     assert_eq!(r["type"], "ok", "a released replay frees its place: {r}");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_panic_while_dispatching_skips_that_record_and_the_consumer_goes_on() {
+    use common::faulty::{self, BOOM, HealthLog, Panicky};
+    let topic = unique("wsb-panic-");
+    create_topic(&topic, 1).await;
+    let (backend, panics) = faulty::build(&config(&brokers(), "unused"), "events");
+    let health = HealthLog::start(backend.as_ref());
+    health.wait_up("the backend connects").await;
+    let sink = std::sync::Arc::new(Panicky::default());
+    faulty::subscribe(backend.as_ref(), 1, &topic, sink.clone()).await;
+    py_produce(&topic, json!([{"value": "one"}])).await;
+    sink.wait_for(b"one").await;
+
+    // The panic is caught around the one record: the consumer thread skips it and goes on with
+    // the next, and the backend stays up.
+    py_produce(
+        &topic,
+        json!([{"value": std::str::from_utf8(BOOM).unwrap()}, {"value": "two"}]),
+    )
+    .await;
+    sink.wait_for(b"two").await;
+    faulty::assert_contained(&sink, &panics, &health);
+    backend.close().await;
+}
+
+#[tokio::test]
+async fn a_replay_waits_for_a_slow_client_instead_of_dropping_messages() {
+    let topic = unique("wsb-paced-");
+    create_topic(&topic, 1).await;
+    let channel = format!("events/{topic}");
+    let text = format!(
+        "[server]\nqueue_capacity = 64\n[limits]\npublish_per_second = 0\npublish_bytes_per_second = 0\n{}",
+        config(&brokers(), "unused")
+    );
+    let gw = start(&text).await;
+    let addr = gw.local_addr();
+    // 1500 records of 16 KiB (24 MB): far more than socket buffers and a 64-message queue hold.
+    let mut publisher = Client::connect(addr).await;
+    common::flood(&mut publisher, &channel, 1500, 16 * 1024).await;
+
+    let mut replay = Client::connect(addr).await;
+    let ok = subscribe_from(&mut replay, &channel, json!("earliest")).await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    // The client reads nothing for a while (well within the write timeout), so its socket and
+    // its queue fill up; the replay waits for it instead of dropping what does not fit.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // (Concurrent publishes from one socket may reach the log in any order.)
+    let mut seqs = Vec::new();
+    for n in 0..1500 {
+        let frame = replay.recv().await;
+        assert_eq!(frame["type"], "message", "frame {n}: {frame}");
+        seqs.extend(frame["payload"]["seq"].as_u64());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..1500).collect::<Vec<u64>>(), "every record, once");
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("wsbridge_dropped_total") && !l.ends_with(" 0")),
+        "nothing was dropped:\n{metrics}"
+    );
+    gw.shutdown().await;
+}
+
+/// Under a 500 msg/s stream to 100 subscribers the broker is killed (SIGKILL) and started
+/// again, then hangs (SIGSTOP) past the health probe and goes on (SIGCONT). Each time every
+/// socket stays open, hears `backend_down` and `backend_up`, and the stream resumes where it
+/// was, nothing lost or duplicated; a publish meanwhile gets an error within `delivery_timeout`;
+/// the broker holds every acknowledged publish exactly once.
+#[tokio::test]
+async fn a_killed_or_hung_broker_under_load_loses_and_duplicates_nothing() {
+    let mut broker = kafka_support::PrivateBroker::start().await;
+    let topic = unique("wsb-faults-");
+    kafka_support::create_topic_at(&broker.brokers(), &topic, 1).await;
+    let text = format!(
+        "[limits]\npublish_per_second = 0\npublish_bytes_per_second = 0\n{}",
+        config(&broker.brokers(), "unused").replace(
+            "type = \"kafka\"",
+            "type = \"kafka\"\ndelivery_timeout = \"2s\""
+        )
+    );
+    let gw = start(&text).await;
+    let addr = gw.local_addr();
+    eventually("the backend is up", async || {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    let channel = format!("events/{topic}");
+    let mut subscribers = common::hundred_subscribers(addr, &channel).await;
+    let mut publisher = Client::connect(addr).await;
+    let refused = |e: &Value| e["code"] == "backend_timeout" || e["code"] == "backend_unavailable";
+    common::stream_500_per_second(&mut publisher, &channel, 0, 500).await;
+    common::expect_stream(&mut subscribers, 0..500, &[]).await;
+
+    // Killed and started again with its log: subscriptions go on from their next offset.
+    broker.kill().await;
+    common::expect_status(&mut subscribers, "backend_down").await;
+    let e = publisher.publish(&channel, json!({"seq": -1})).await;
+    assert!(refused(&e), "{e}");
+    broker.run().await;
+    common::expect_status(&mut subscribers, "backend_up").await;
+    common::stream_500_per_second(&mut publisher, &channel, 500, 1000).await;
+    // A publish refused for a timeout may still have reached the broker: its outcome is unknown.
+    common::expect_stream(&mut subscribers, 500..1000, &[-1]).await;
+
+    // Hung, then going on.
+    broker.freeze(true).await;
+    let e = publisher.publish(&channel, json!({"seq": -2})).await;
+    assert!(refused(&e), "{e}");
+    common::expect_status(&mut subscribers, "backend_down").await;
+    broker.freeze(false).await;
+    common::expect_status(&mut subscribers, "backend_up").await;
+    common::stream_500_per_second(&mut publisher, &channel, 1000, 1500).await;
+    common::expect_stream(&mut subscribers, 1000..1500, &[-1, -2]).await;
+    for ws in subscribers.iter_mut().take(5) {
+        ws.assert_no_message().await;
+    }
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(
+        metrics.contains("wsbridge_connections 101\n"),
+        "no socket was lost"
+    );
+    gw.shutdown().await;
+
+    let seq_of = |m: &Value| {
+        m["value"]
+            .as_str()
+            .and_then(|v| serde_json::from_str::<Value>(v).ok())
+            .and_then(|v| v["seq"].as_i64())
+    };
+    let mut log = kafka_support::py_consume_at(&broker.brokers(), &topic, 0, 0, 1500).await;
+    let unknown = log
+        .iter()
+        .filter(|m| seq_of(m).is_some_and(|s| s < 0))
+        .count();
+    if unknown > 0 {
+        let more = kafka_support::py_consume_at(&broker.brokers(), &topic, 0, 1500, unknown).await;
+        log.extend(more);
+    }
+    let seqs: Vec<i64> = log
+        .iter()
+        .filter_map(seq_of)
+        .filter(|&seq| seq >= 0)
+        .collect();
+    assert_eq!(
+        seqs,
+        (0..1500).collect::<Vec<i64>>(),
+        "the broker holds each once"
+    );
+}

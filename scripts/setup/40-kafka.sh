@@ -19,9 +19,15 @@ port_open() {
   (exec 3<>"/dev/tcp/${HOST}/${PORT}") 2>/dev/null
 }
 
-if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q "${TANSU_VERSION}"; then
-  echo "installing tansu ${TANSU_VERSION} (about 15 minutes on 2 cores, once)"
-  cargo install tansu --version "${TANSU_VERSION}" --locked --features dynostore
+# `dynostore` gives the in-memory log of the shared broker; `libsql` the on-disk (SQLite) log of
+# the private brokers that fault tests kill and restart. The marker records which build this is.
+FEATURES=dynostore,libsql
+MARKER="${HOME}/.cargo/tansu-${TANSU_VERSION}-features"
+if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q "${TANSU_VERSION}" \
+  || [ "$(cat "${MARKER}" 2>/dev/null)" != "${FEATURES}" ]; then
+  echo "installing tansu ${TANSU_VERSION} with ${FEATURES} (about 15 minutes on 2 cores, once)"
+  cargo install tansu --version "${TANSU_VERSION}" --locked --force --features "${FEATURES}"
+  echo "${FEATURES}" >"${MARKER}"
 fi
 
 if ! python3 -c 'import kafka' >/dev/null 2>&1; then

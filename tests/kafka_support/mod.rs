@@ -128,15 +128,17 @@ pub async fn py_consume_at(
     out.as_array().expect("a list").clone()
 }
 
-/// A Tansu broker of a test's own, reached through a TCP relay the test can cut and restore.
-///
-/// Cutting the relay is a network fault the broker survives with its log and topic ids intact,
-/// which is what a real cluster does across a restart. (Restarting a memory-only Tansu instead
-/// would bring back an empty broker whose recreated topics have new ids; librdkafka's metadata
-/// cache does not cope with a topic changing its id, see confluentinc/librdkafka#4778.)
+/// A Tansu broker of a test's own with its log on disk (SQLite in a temporary directory), reached
+/// through a TCP relay the test can cut and restore. It can be killed and started again with its
+/// log and topic ids intact, as a real broker restarts. (A memory-only Tansu would come back
+/// empty, its recreated topics with new ids, which librdkafka's metadata cache does not cope
+/// with: confluentinc/librdkafka#4778.)
 pub struct PrivateBroker {
     /// Where clients connect: the relay.
     pub port: u16,
+    /// Where the broker itself listens.
+    backend: u16,
+    dir: std::path::PathBuf,
     relay: Relay,
     child: Option<tokio::process::Child>,
 }
@@ -151,48 +153,72 @@ fn free_port() -> u16 {
 impl PrivateBroker {
     pub async fn start() -> PrivateBroker {
         let (port, backend) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(crate::common::unique("wsbridge-tansu-"));
+        std::fs::create_dir_all(&dir).expect("create the broker's directory");
+        let mut relay = Relay {
+            port,
+            target: format!("127.0.0.1:{backend}"),
+            accept: None,
+            connections: Default::default(),
+        };
+        relay.open().await;
+        let mut broker = PrivateBroker {
+            port,
+            backend,
+            dir,
+            relay,
+            child: None,
+        };
+        broker.run().await;
+        broker
+    }
+
+    /// Starts (or restarts) the broker process and waits until it listens.
+    pub async fn run(&mut self) {
+        assert!(self.child.is_none(), "the broker is already running");
         let tansu = std::env::var("HOME")
             .map(|h| format!("{h}/.cargo/bin/tansu"))
             .ok()
             .filter(|p| std::path::Path::new(p).exists())
             .unwrap_or_else(|| "tansu".into());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .expect("open the broker log");
         // The broker advertises the relay's address, so every connection goes through it.
         let child = tokio::process::Command::new(tansu)
             .args([
                 "broker",
                 "--listener-url",
-                &format!("tcp://127.0.0.1:{backend}"),
+                &format!("tcp://127.0.0.1:{}", self.backend),
             ])
             .args([
                 "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{port}"),
+                &format!("tcp://127.0.0.1:{}", self.port),
             ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // A path relative to the working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .expect("tansu starts (see scripts/setup/40-kafka.sh)");
-        let target = format!("127.0.0.1:{backend}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.child = Some(child);
+        let target = format!("127.0.0.1:{}", self.backend);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(&target).await.is_err() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "tansu listens on {target}"
+                exited.is_none() && tokio::time::Instant::now() < deadline,
+                "tansu listens on {target} ({exited:?}):\n{}",
+                std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let mut relay = Relay {
-            port,
-            target,
-            accept: None,
-            connections: Default::default(),
-        };
-        relay.open().await;
-        PrivateBroker {
-            port,
-            relay,
-            child: Some(child),
         }
     }
 
@@ -209,15 +235,40 @@ impl PrivateBroker {
     pub async fn restore(&mut self) {
         self.relay.open().await;
     }
+
+    /// Kills the broker process at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("the broker is running");
+        child.kill().await.expect("kill tansu");
+        // Connections the relay still holds to the dead process end with it.
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the broker process: its connections stay open, but
+    /// it answers nothing meanwhile.
+    pub async fn freeze(&self, frozen: bool) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(tokio::process::Child::id)
+            .expect("the broker is running");
+        let status = tokio::process::Command::new("kill")
+            .arg(if frozen { "-STOP" } else { "-CONT" })
+            .arg(pid.to_string())
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -STOP/-CONT {pid}");
+    }
 }
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        // Also on a failed test: the broker must not outlive it.
+        // Also on a failed test: the broker must not outlive it (SIGKILL ends a frozen one too).
         self.relay.close();
         if let Some(child) = &mut self.child {
             let _ = child.start_kill();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
