@@ -153,5 +153,5 @@ fn every_example_configuration_is_valid() {
         );
         checked += 1;
     }
-    assert!(checked >= 11, "checked {checked} examples");
+    assert!(checked >= 12, "checked {checked} examples");
 }
