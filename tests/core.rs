@@ -517,6 +517,51 @@ async fn shutdown_sends_1001_to_every_client() {
         .unwrap();
 }
 
+/// With `drain_window`, each client is told when it will be closed and is closed at that point
+/// of the window, not before: the closes are spread, not all at once.
+#[tokio::test]
+async fn shutdown_spreads_the_closes_over_the_drain_window() {
+    let config = wsbridge::DEFAULT_CONFIG.replace("drain_window = \"0s\"", "drain_window = \"2s\"");
+    assert!(config.contains("drain_window = \"2s\""));
+    let gw = start(&config).await;
+    let addr = gw.local_addr();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut ws = Client::connect(addr).await;
+        ws.subscribe("x").await;
+        clients.push(ws);
+    }
+    let asked = std::time::Instant::now();
+    let shutdown = tokio::spawn(gw.shutdown());
+    let mut hints = Vec::new();
+    for ws in &mut clients {
+        let status = ws.next_of("status").await;
+        assert_eq!(status["code"], "shutting_down", "{status}");
+        let hint = status["reconnect_after_ms"]
+            .as_u64()
+            .expect("a reconnect hint");
+        assert!(hint < 2000, "within the window: {status}");
+        hints.push(hint);
+    }
+    let mut distinct = hints.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(distinct.len() > 1, "the closes are spread: {hints:?}");
+    for (ws, hint) in clients.iter_mut().zip(&hints) {
+        assert_eq!(ws.expect_close().await.0, 1001);
+        // Never before the announced time (counted from before the shutdown began).
+        assert!(
+            asked.elapsed() >= std::time::Duration::from_millis(*hint),
+            "closed before its announced {hint} ms"
+        );
+        ws.ws.close(None).await.ok();
+    }
+    tokio::time::timeout(common::WAIT, shutdown)
+        .await
+        .expect("shutdown completes once clients are gone")
+        .unwrap();
+}
+
 /// The first reproduction: bytes that look like a JSON string but are not UTF-8, published by a
 /// client on the embedded default, reach the subscriber base64-encoded and stop nothing.
 #[tokio::test]

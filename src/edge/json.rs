@@ -60,6 +60,8 @@ impl Encoding for JsonEncoding {
             requested_offset: Option<i64>,
             #[serde(skip_serializing_if = "Option::is_none")]
             available_offset: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reconnect_after_ms: Option<u64>,
         }
         to_frame(&StatusFrame {
             kind: "status",
@@ -71,6 +73,7 @@ impl Encoding for JsonEncoding {
             partition: status.partition,
             requested_offset: status.requested_offset,
             available_offset: status.available_offset,
+            reconnect_after_ms: status.reconnect_after_ms,
         })
     }
 }

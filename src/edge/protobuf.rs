@@ -138,6 +138,7 @@ fn status_envelope(status: &Status) -> envelope::Status {
         partition: status.partition,
         requested_offset: status.requested_offset,
         available_offset: status.available_offset,
+        reconnect_after_ms: status.reconnect_after_ms,
     }
 }
 

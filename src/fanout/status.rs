@@ -18,4 +18,6 @@ pub struct Status {
     pub partition: Option<i32>,
     pub requested_offset: Option<i64>,
     pub available_offset: Option<i64>,
+    /// When the gateway will close this connection (`shutting_down`), in ms from now.
+    pub reconnect_after_ms: Option<u64>,
 }

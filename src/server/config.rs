@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// On SIGINT/SIGTERM, how long clients get to close after the 1001 close frame.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On SIGINT/SIGTERM, the window over which the clients' 1001 closes are spread, so they do
+    /// not all reconnect (to another instance) at once. `0s` closes every client at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
     /// Browser origins allowed to open WebSockets; absent means any origin.
     pub allowed_origins: Option<Vec<String>>,
     /// Serve TLS (`wss://`) with this certificate and key.
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             max_inflight_publishes: 64,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            drain_window: Duration::ZERO,
             allowed_origins: None,
             tls: None,
         }

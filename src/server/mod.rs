@@ -38,6 +38,7 @@ impl ServerConfig {
             write_timeout: self.write_timeout,
             max_inflight_publishes: self.max_inflight_publishes,
             shutdown_grace: self.shutdown_grace,
+            drain_window: self.drain_window,
         }
     }
 }
@@ -112,7 +113,7 @@ pub async fn serve(
     }
     drop(listener);
     tracker.close();
-    let grace = config.shutdown_grace + std::time::Duration::from_millis(500);
+    let grace = config.drain_window + config.shutdown_grace + std::time::Duration::from_millis(500);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             remaining = tracker.len(),

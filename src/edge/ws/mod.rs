@@ -62,6 +62,8 @@ pub struct SessionSettings {
     pub max_inflight_publishes: usize,
     /// On shutdown, how long the client gets to close after the 1001 close frame.
     pub shutdown_grace: Duration,
+    /// On shutdown, the window over which connections' closes are spread.
+    pub drain_window: Duration,
 }
 
 /// Everything a session needs from the gateway.
@@ -196,6 +198,19 @@ struct Session {
 }
 
 /// The instant a token with `exp` (seconds since the epoch) stops being accepted.
+/// A random point of the drain window: when a shutting-down connection is closed, so the closes
+/// (and the reconnects they cause) are spread over the window rather than all at once.
+fn drain_delay(id: u64, window: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    if window.is_zero() {
+        return Duration::ZERO;
+    }
+    // Randomly keyed per call: a uniform draw without a random-number dependency.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(id);
+    window.mul_f64(hasher.finish() as f64 / u64::MAX as f64)
+}
+
 fn expiry_instant(expires_at: Option<u64>, cx: &SessionContext) -> Option<Instant> {
     let exp = expires_at?;
     let now = std::time::SystemTime::now()
@@ -231,6 +246,9 @@ impl Session {
         let far_future = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
         let mut expiry = pin!(sleep_until(self.expiry.unwrap_or(far_future)));
         let mut closing = false;
+        // Shutting down: the connection is closed when `drain` fires.
+        let mut draining = false;
+        let mut drain = pin!(sleep_until(far_future));
         // After an oversized frame the stream cannot be read safely (the rest of the frame would
         // be buffered); the connection only waits for its close frame to go out.
         let mut stop_reading = false;
@@ -247,12 +265,20 @@ impl Session {
                     closing = true;
                     deadline.as_mut().reset(Instant::now() + CLOSE_WAIT);
                 }
-                _ = self.cx.shutdown.cancelled(), if !closing => {
+                _ = self.cx.shutdown.cancelled(), if !closing && !draining => {
+                    // Each connection is closed at its own point of the drain window, and is
+                    // told when, so clients do not all reconnect elsewhere at once.
+                    let after = drain_delay(self.id, self.cx.config.drain_window);
                     self.outbox.push_control(self.protocol.status(&Status {
                         code: "shutting_down",
-                        message: "the gateway is shutting down".into(),
+                        message: "the gateway is shutting down; reconnect (to another instance) after the close".into(),
+                        reconnect_after_ms: Some(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
                         ..Status::default()
                     }));
+                    draining = true;
+                    drain.as_mut().reset(Instant::now() + after);
+                }
+                _ = drain.as_mut(), if draining && !closing => {
                     self.outbox.close(CLOSE_GOING_AWAY, "server shutting down");
                     closing = true;
                     deadline.as_mut().reset(Instant::now() + self.cx.config.shutdown_grace);
