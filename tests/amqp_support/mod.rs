@@ -337,19 +337,13 @@ impl PrivateRabbit {
     }
 
     /// The Erlang VM's pid (the server script's child).
-    fn vm_pid(&self) -> String {
+    fn vm_pid(&self) -> u32 {
         let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node wrote its pid");
-        pid.trim().to_owned()
+        pid.trim().parse().expect("a pid")
     }
 
     async fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.vm_pid())
-            .status()
-            .await
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} of the node");
+        crate::common::signal(self.vm_pid(), name).await;
     }
 
     /// Kills the node at once (SIGKILL), as a crash would, and waits until it is gone.

@@ -305,6 +305,18 @@ pub async fn flood(publisher: &mut Client, channel: &str, total: u64, pad_bytes:
     }
 }
 
+/// Sends signal `name` (`KILL`, `STOP`, `CONT`, `TERM`) to process `pid`, as a fault test does to
+/// a broker.
+pub async fn signal(pid: u32, name: &str) {
+    let status = tokio::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// 100 sockets subscribed to `pattern`.
 pub async fn hundred_subscribers(addr: SocketAddr, pattern: &str) -> Vec<Client> {
     let mut subscribers = Vec::new();

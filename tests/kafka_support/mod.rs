@@ -251,13 +251,7 @@ impl PrivateBroker {
             .as_ref()
             .and_then(tokio::process::Child::id)
             .expect("the broker is running");
-        let status = tokio::process::Command::new("kill")
-            .arg(if frozen { "-STOP" } else { "-CONT" })
-            .arg(pid.to_string())
-            .status()
-            .await
-            .expect("run kill");
-        assert!(status.success(), "kill -STOP/-CONT {pid}");
+        crate::common::signal(pid, if frozen { "STOP" } else { "CONT" }).await;
     }
 }
 

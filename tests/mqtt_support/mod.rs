@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::common::{WAIT, eventually};
+use crate::common::{WAIT, eventually, signal};
 
 /// The machine's broker, started by `scripts/setup/20-mosquitto.sh`.
 pub const SHARED_PORT: u16 = 1883;
@@ -188,16 +188,6 @@ impl Drop for PrivateBroker {
             let _ = child.start_kill();
         }
     }
-}
-
-async fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .await
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// Whether a broker answers an MQTT publish on `port`.
