@@ -111,34 +111,21 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a broker message, applying `policy` when the queue is full.
-    pub fn push_message(&self, frame: Frame, policy: SlowConsumerPolicy) -> Pushed {
-        self.push_for(frame, policy, None)
-    }
-
-    /// [`Outbox::push_message`] for a subscription that is live while `live` is true. The flag is
-    /// read under the queue's lock, so once it is cleared no message for that subscription can
-    /// be queued behind a reply pushed afterwards (an unsubscribe's `ok`).
-    pub fn push_message_while(
+    /// Queues a broker message for a subscription that is live while `live` is true, applying
+    /// `policy` when the queue is full. The flag is read under the queue's lock, so once it is
+    /// cleared no message for that subscription can be queued behind a reply pushed afterwards
+    /// (an unsubscribe's `ok`).
+    pub fn push_message(
         &self,
         frame: Frame,
         policy: SlowConsumerPolicy,
         live: &AtomicBool,
     ) -> Pushed {
-        self.push_for(frame, policy, Some(live))
-    }
-
-    fn push_for(
-        &self,
-        frame: Frame,
-        policy: SlowConsumerPolicy,
-        live: Option<&AtomicBool>,
-    ) -> Pushed {
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
         }
-        if live.is_some_and(|live| !live.load(Ordering::Acquire)) {
+        if !live.load(Ordering::Acquire) {
             return Pushed::Unsubscribed;
         }
         let mut outcome = Pushed::Queued;
@@ -313,6 +300,9 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// A subscription that never ends.
+    static LIVE: AtomicBool = AtomicBool::new(true);
+
     fn msg(n: u32) -> Frame {
         Frame::new(n.to_string())
     }
@@ -336,7 +326,7 @@ mod tests {
         let outbox = Outbox::new(3, usize::MAX);
         outbox.push_control(reply(1));
         for n in 0..5 {
-            let pushed = outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest);
+            let pushed = outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest, &LIVE);
             assert_eq!(pushed == Pushed::Queued, n < 3, "message {n}");
         }
         let mut d = Drained::default();
@@ -353,7 +343,7 @@ mod tests {
     fn the_byte_bound_applies_the_policy_too() {
         let outbox = Outbox::new(100, 10);
         for n in [1000, 1001, 1002] {
-            outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest);
+            outbox.push_message(msg(n), SlowConsumerPolicy::DropOldest, &LIVE);
         }
         // 4 bytes each: two fit in 10 bytes, the first was dropped for the third.
         let mut d = Drained::default();
@@ -363,11 +353,11 @@ mod tests {
         // A message larger than the bound still goes through an empty queue.
         let big = Frame::new(vec![b'x'; 64]);
         assert_eq!(
-            outbox.push_message(big.clone(), SlowConsumerPolicy::Disconnect),
+            outbox.push_message(big.clone(), SlowConsumerPolicy::Disconnect, &LIVE),
             Pushed::Queued
         );
         assert_eq!(
-            outbox.push_message(msg(1), SlowConsumerPolicy::Disconnect),
+            outbox.push_message(msg(1), SlowConsumerPolicy::Disconnect, &LIVE),
             Pushed::Disconnected
         );
     }
@@ -375,14 +365,14 @@ mod tests {
     #[test]
     fn a_held_reply_goes_out_before_what_was_queued_after_it() {
         let outbox = Outbox::new(10, usize::MAX);
-        outbox.push_message(msg(1), SlowConsumerPolicy::DropOldest);
+        outbox.push_message(msg(1), SlowConsumerPolicy::DropOldest, &LIVE);
         outbox.hold();
-        outbox.push_message(msg(2), SlowConsumerPolicy::DropOldest);
+        outbox.push_message(msg(2), SlowConsumerPolicy::DropOldest, &LIVE);
         let mut d = Drained::default();
         outbox.drain(&mut d);
         assert_eq!(texts(&d), ["1"], "nothing after the hold is written yet");
         d.items.clear();
-        outbox.push_message(msg(3), SlowConsumerPolicy::DropOldest);
+        outbox.push_message(msg(3), SlowConsumerPolicy::DropOldest, &LIVE);
         outbox.release(reply(9));
         outbox.drain(&mut d);
         assert_eq!(texts(&d), ["reply", "2", "3"]);
@@ -391,10 +381,10 @@ mod tests {
     #[test]
     fn dropping_before_a_hold_keeps_its_place() {
         let outbox = Outbox::new(2, usize::MAX);
-        outbox.push_message(msg(1), SlowConsumerPolicy::DropOldest);
+        outbox.push_message(msg(1), SlowConsumerPolicy::DropOldest, &LIVE);
         outbox.hold();
-        outbox.push_message(msg(2), SlowConsumerPolicy::DropOldest);
-        outbox.push_message(msg(3), SlowConsumerPolicy::DropOldest);
+        outbox.push_message(msg(2), SlowConsumerPolicy::DropOldest, &LIVE);
+        outbox.push_message(msg(3), SlowConsumerPolicy::DropOldest, &LIVE);
         outbox.release(reply(0));
         let mut d = Drained::default();
         outbox.drain(&mut d);
@@ -405,14 +395,14 @@ mod tests {
     #[test]
     fn disconnect_policy_closes_with_1008() {
         let outbox = Outbox::new(2, usize::MAX);
-        outbox.push_message(msg(0), SlowConsumerPolicy::Disconnect);
-        outbox.push_message(msg(1), SlowConsumerPolicy::Disconnect);
+        outbox.push_message(msg(0), SlowConsumerPolicy::Disconnect, &LIVE);
+        outbox.push_message(msg(1), SlowConsumerPolicy::Disconnect, &LIVE);
         assert_eq!(
-            outbox.push_message(msg(2), SlowConsumerPolicy::Disconnect),
+            outbox.push_message(msg(2), SlowConsumerPolicy::Disconnect, &LIVE),
             Pushed::Disconnected
         );
         assert_eq!(
-            outbox.push_message(msg(3), SlowConsumerPolicy::Disconnect),
+            outbox.push_message(msg(3), SlowConsumerPolicy::Disconnect, &LIVE),
             Pushed::Closed
         );
         let mut d = Drained::default();
@@ -440,5 +430,21 @@ mod tests {
         let mut d = Drained::default();
         outbox.drain(&mut d);
         assert_eq!(d.close.unwrap().code, 1009);
+    }
+
+    #[test]
+    fn a_message_for_an_ended_subscription_is_not_queued() {
+        let outbox = Outbox::new(4, usize::MAX);
+        let live = AtomicBool::new(true);
+        let policy = SlowConsumerPolicy::DropOldest;
+        assert_eq!(outbox.push_message(msg(1), policy, &live), Pushed::Queued);
+        live.store(false, Ordering::Release);
+        assert_eq!(
+            outbox.push_message(msg(2), policy, &live),
+            Pushed::Unsubscribed
+        );
+        let mut d = Drained::default();
+        outbox.drain(&mut d);
+        assert_eq!(texts(&d), ["1"]);
     }
 }

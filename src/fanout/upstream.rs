@@ -178,10 +178,12 @@ impl Group {
     }
 }
 
-/// The groups of a fanout and their member total.
-struct Groups {
-    list: Arc<Vec<Arc<Group>>>,
-    total: usize,
+/// A fanout's groups: replaced as a whole (copy on write) when a group comes or goes.
+type Groups = Arc<Vec<Arc<Group>>>;
+
+/// Members of all the groups once every queued change is applied.
+fn total(groups: &Groups) -> usize {
+    groups.iter().map(|g| g.count.load(Ordering::Relaxed)).sum()
 }
 
 /// The subscribers of one upstream subscription.
@@ -194,10 +196,7 @@ pub struct Fanout {
 impl Fanout {
     pub fn new(metrics: BackendMetrics, global: Arc<Metrics>) -> Self {
         Fanout {
-            groups: Mutex::new(Groups {
-                list: Arc::new(Vec::new()),
-                total: 0,
-            }),
+            groups: Mutex::new(Arc::new(Vec::new())),
             metrics,
             global,
         }
@@ -208,25 +207,24 @@ impl Fanout {
     }
 
     /// The current groups, for a walk that holds no lock of the fanout's.
-    fn snapshot(&self) -> Arc<Vec<Arc<Group>>> {
-        self.groups().list.clone()
+    fn snapshot(&self) -> Groups {
+        self.groups().clone()
     }
 
     /// Adds a member under (route, pattern); returns the member count afterwards.
     pub fn add(&self, route: &Arc<Route>, pattern: &ChannelPattern, member: Member) -> usize {
         let (group, total) = {
             let mut groups = self.groups();
-            let group = match groups.list.iter().find(|g| g.is(route, pattern)) {
+            let group = match groups.iter().find(|g| g.is(route, pattern)) {
                 Some(group) => group.clone(),
                 None => {
                     let group = Arc::new(Group::new(route, pattern));
-                    Arc::make_mut(&mut groups.list).push(group.clone());
+                    Arc::make_mut(&mut groups).push(group.clone());
                     group
                 }
             };
             group.count.fetch_add(1, Ordering::Relaxed);
-            groups.total += 1;
-            (group, groups.total)
+            (group, total(&groups))
         };
         group.change(Change::Join(member));
         total
@@ -238,22 +236,21 @@ impl Fanout {
         member.live.store(false, Ordering::Release);
         let (group, total) = {
             let mut groups = self.groups();
-            let Some(pos) = groups.list.iter().position(|g| g.is(route, pattern)) else {
-                return groups.total;
+            let Some(pos) = groups.iter().position(|g| g.is(route, pattern)) else {
+                return total(&groups);
             };
-            let group = groups.list[pos].clone();
+            let group = groups[pos].clone();
             if group.count.fetch_sub(1, Ordering::Relaxed) == 1 {
-                Arc::make_mut(&mut groups.list).swap_remove(pos);
+                Arc::make_mut(&mut groups).swap_remove(pos);
             }
-            groups.total = groups.total.saturating_sub(1);
-            (group, groups.total)
+            (group, total(&groups))
         };
         group.change(Change::Leave(member.session));
         total
     }
 
     pub fn member_count(&self) -> usize {
-        self.groups().total
+        total(&self.groups())
     }
 
     /// Sends a status frame to every member, once per session, naming its patterns here.
@@ -341,7 +338,7 @@ impl Fanout {
             };
             match member
                 .outbox
-                .push_message_while(frame, route.slow_consumer, &member.live)
+                .push_message(frame, route.slow_consumer, &member.live)
             {
                 Pushed::Queued => self.metrics.deliveries.inc(),
                 Pushed::DroppedOldest => {

@@ -197,7 +197,6 @@ struct Session {
     cx: SessionContext,
 }
 
-/// The instant a token with `exp` (seconds since the epoch) stops being accepted.
 /// A random point of the drain window: when a shutting-down connection is closed, so the closes
 /// (and the reconnects they cause) are spread over the window rather than all at once.
 fn drain_delay(id: u64, window: Duration) -> Duration {
@@ -208,9 +207,11 @@ fn drain_delay(id: u64, window: Duration) -> Duration {
     // Randomly keyed per call: a uniform draw without a random-number dependency.
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(id);
-    window.mul_f64(hasher.finish() as f64 / u64::MAX as f64)
+    // 53 random bits: a fraction in [0, 1), so the point lies inside the window.
+    window.mul_f64((hasher.finish() >> 11) as f64 / (1u64 << 53) as f64)
 }
 
+/// The instant a token with `exp` (seconds since the epoch) stops being accepted.
 fn expiry_instant(expires_at: Option<u64>, cx: &SessionContext) -> Option<Instant> {
     let exp = expires_at?;
     let now = std::time::SystemTime::now()
