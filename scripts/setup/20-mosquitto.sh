@@ -21,9 +21,9 @@ mosquitto_bin() {
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null \
   || [ -z "$(mosquitto_bin)" ] || ! command -v openssl >/dev/null; then
   echo "installing mosquitto, mosquitto-clients and openssl"
-  as_root apt-get update -qq
+  as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
   as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq mosquitto mosquitto-clients openssl
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq mosquitto mosquitto-clients openssl
 fi
 
 broker_answers() {

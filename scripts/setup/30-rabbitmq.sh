@@ -13,8 +13,8 @@ command -v amqp-publish >/dev/null 2>&1 || packages+=(amqp-tools)
 if ((${#packages[@]})); then
   echo "installing ${packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 if ! python3 -c "import pika, sys; sys.exit(pika.__version__ != '${PIKA_VERSION}')" 2>/dev/null; then

@@ -12,6 +12,6 @@ if command -v docker-compose >/dev/null; then
   exit 0
 fi
 echo "installing docker-compose"
-as_root apt-get update -qq
-as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
+as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends docker-compose
 docker-compose version --short
