@@ -1,0 +1,202 @@
+// The console page served by the gateway at /console/, driven in headless Chromium: subscribing
+// and publishing on the embedded default (memory backend) and through Mosquitto. Screenshots go
+// to target/browser/.
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { test } from "node:test";
+import {
+  CONSOLE_FROM_DISK,
+  OUT_DIR,
+  follow,
+  launchBrowser,
+  newPage,
+  run,
+  startGateway,
+  unique,
+} from "./support.js";
+
+/** Opens the console (through `GET /`, which points a browser to it) and waits until connected. */
+async function openConsole(t, browser, gateway) {
+  const page = await newPage(browser);
+  t.after(() => {
+    if (page.logs.length) t.diagnostic(`page said:\n${page.logs.join("\n")}`);
+  });
+  await page.goto(`${gateway.origin}/`);
+  assert.equal(new URL(page.url()).pathname, "/console/", "GET / leads the browser to the console");
+  // Routed requests do not cover the redirect's target; load the page from disk too.
+  if (CONSOLE_FROM_DISK) await page.reload();
+  await page.locator('[data-testid="state"][data-state="connected"]').waitFor();
+  return page;
+}
+
+async function subscribe(page, pattern, from) {
+  await page.getByTestId("sub-pattern").fill(pattern);
+  if (from) await page.getByTestId("sub-from").selectOption(from);
+  await page.getByTestId("subscribe").click();
+  const item = page.locator(`[data-testid="subscription"][data-pattern="${pattern}"]`);
+  await item.and(page.locator('[data-state="active"]')).waitFor();
+  return item;
+}
+
+async function publish(page, { channel, payload, mode = "json", key = "", headers = "" }) {
+  await page.getByTestId("pub-channel").fill(channel);
+  await page.getByTestId("pub-payload").fill(payload);
+  await page.getByTestId(`pub-mode-${mode}`).check();
+  await page.getByTestId("pub-key").fill(key);
+  await page.getByTestId("pub-headers").fill(headers);
+  const before = await page.getByTestId("ack").count();
+  await page.getByTestId("publish").click();
+  // The newest outcome is listed first.
+  await page.getByTestId("ack").nth(before).waitFor({ state: "attached" });
+  const ack = page.getByTestId("ack").first();
+  await ack.and(page.locator('[data-result="ok"], [data-result="error"]')).waitFor();
+  return ack;
+}
+
+function messageOn(page, channel) {
+  return page.locator(`[data-testid="message"][data-channel="${channel}"]`);
+}
+
+test("the console subscribes and publishes through the embedded default", async (t) => {
+  const gateway = await startGateway(t, { name: "console-memory" });
+  const browser = await launchBrowser(t);
+  const page = await openConsole(t, browser, gateway);
+
+  // The default routes every channel to the memory backend, for subscribe and publish.
+  const route = page.getByTestId("route").first();
+  await route.waitFor();
+  assert.match(await route.innerText(), /subscribe, publish/);
+
+  const base = unique("console");
+  await subscribe(page, `${base}/+/temp`);
+
+  const json = await publish(page, {
+    channel: `${base}/berlin/temp`,
+    payload: '{"celsius": 21.5, "sensor": {"id": "t-1"}}',
+    headers: "trace: abc-1\nunit: C",
+  });
+  assert.equal(await json.getAttribute("data-result"), "ok", await json.innerText());
+  const message = messageOn(page, `${base}/berlin/temp`);
+  await message.waitFor();
+  assert.equal(await message.getAttribute("data-subscription"), `${base}/+/temp`);
+  assert.equal(await message.getAttribute("data-payload-kind"), "json");
+  const shown = await message.getByTestId("payload").innerText();
+  assert.deepEqual(JSON.parse(shown), { celsius: 21.5, sensor: { id: "t-1" } });
+  assert.ok(shown.includes("\n"), `the payload is pretty-printed: ${shown}`);
+  const head = await message.innerText();
+  assert.match(head, /trace=abc-1/);
+
+  // Text arrives as text; a message on a channel the pattern does not match does not arrive.
+  await publish(page, { channel: `${base}/berlin/humidity`, payload: "40 %", mode: "text" });
+  const text = await publish(page, { channel: `${base}/hamburg/temp`, payload: "fan on", mode: "text" });
+  assert.equal(await text.getAttribute("data-result"), "ok");
+  const textMessage = messageOn(page, `${base}/hamburg/temp`).first();
+  await textMessage.waitFor();
+  assert.equal(await textMessage.getByTestId("payload").innerText(), "fan on");
+  assert.equal(await textMessage.getAttribute("data-payload-kind"), "text");
+  assert.equal(await messageOn(page, `${base}/berlin/humidity`).count(), 0);
+
+  // Bytes that are not text arrive base64-encoded, and are flagged as such.
+  await publish(page, { channel: `${base}/hamburg/temp`, payload: "AP8Q", mode: "base64" });
+  const binary = messageOn(page, `${base}/hamburg/temp`).and(page.locator('[data-payload-kind="base64"]'));
+  await binary.waitFor();
+  assert.equal(await binary.getByTestId("payload").innerText(), "AP8Q");
+  assert.equal(await binary.getByTestId("base64").textContent(), "base64");
+
+  // A refused publish shows its error code.
+  const refused = await publish(page, { channel: `${base}/+/temp`, payload: "1" });
+  assert.equal(await refused.getAttribute("data-result"), "error");
+  assert.equal(await refused.getAttribute("data-code"), "invalid_channel");
+
+  // A payload that is not JSON, in JSON mode, is caught before it is sent.
+  await page.getByTestId("pub-mode-json").check();
+  await page.getByTestId("pub-payload").fill("{not json");
+  await page.getByTestId("publish").click();
+  await page.getByTestId("pub-problem").waitFor();
+
+  await page.screenshot({ path: join(OUT_DIR, "console-memory.png") });
+
+  // After unsubscribing, messages on the pattern no longer arrive.
+  await page.locator(`[data-testid="subscription"][data-pattern="${base}/+/temp"]`).getByTestId("unsubscribe").click();
+  await subscribe(page, `${base}/#`);
+  await publish(page, { channel: `${base}/paris/temp`, payload: "2" });
+  const paris = messageOn(page, `${base}/paris/temp`);
+  await paris.waitFor();
+  assert.equal(await paris.count(), 1, "one subscription left, so the message arrives once");
+  assert.equal(await paris.getAttribute("data-subscription"), `${base}/#`);
+});
+
+test("the console through Mosquitto: devices reach the page, the page reaches devices", async (t) => {
+  const site = unique("site");
+  const gateway = await startGateway(t, {
+    name: "console-mqtt",
+    config: `
+[backends.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+protocol = "5"
+client_id_prefix = "wsbridge-browser"
+
+[[routes]]
+channel = "telemetry/{site}/#"
+backend = "plant"
+topic = "plant/{site}/telemetry/#"
+allow = ["subscribe"]
+qos = 1
+
+[[routes]]
+channel = "commands/{site}/{device}"
+backend = "plant"
+topic = "plant/{site}/commands/{device}"
+allow = ["publish"]
+qos = 1
+`,
+  });
+  const browser = await launchBrowser(t);
+  const page = await openConsole(t, browser, gateway);
+
+  const routes = page.getByTestId("route");
+  await routes.nth(1).waitFor();
+  assert.deepEqual(
+    await routes.evaluateAll((items) => items.map((i) => i.dataset.channel)),
+    ["telemetry/{site}/#", "commands/{site}/{device}"],
+  );
+
+  // A device publishes telemetry with mosquitto_pub; the page shows it.
+  await subscribe(page, `telemetry/${site}/#`);
+  await run(t, "mosquitto_pub", [
+    "-h", "127.0.0.1", "-p", "1883", "-q", "1", "-V", "mqttv5",
+    "-t", `plant/${site}/telemetry/line1/temp`,
+    "-m", '{"celsius": 21.5}',
+    "-D", "publish", "user-property", "source", "mosquitto_pub",
+  ]);
+  const reading = messageOn(page, `telemetry/${site}/line1/temp`);
+  await reading.waitFor();
+  assert.deepEqual(JSON.parse(await reading.getByTestId("payload").innerText()), { celsius: 21.5 });
+  assert.match(await reading.innerText(), /source=mosquitto_pub/);
+
+  // The page sends a command; a device subscribed with mosquitto_sub gets it.
+  // Line-buffered, so its debug output (-d: the SUBACK) reaches the test as it happens.
+  const device = follow(t, "stdbuf", [
+    "-oL", "mosquitto_sub",
+    "-h", "127.0.0.1", "-p", "1883", "-q", "1", "-V", "mqttv5", "-d",
+    "-t", `plant/${site}/commands/#`, "-v", "-C", "1", "-W", "20",
+  ]);
+  await device.waitForLine(/SUBACK/);
+  const ack = await publish(page, {
+    channel: `commands/${site}/pump-3`,
+    payload: '{"on": true}',
+    headers: "issued-by: console",
+  });
+  assert.equal(await ack.getAttribute("data-result"), "ok", await ack.innerText());
+  const line = await device.waitForLine(new RegExp(`^plant/${site}/commands/pump-3 `));
+  assert.deepEqual(JSON.parse(line.slice(line.indexOf(" ") + 1)), { on: true });
+
+  // A channel no route serves, and one the route does not allow publishing on.
+  const noRoute = await publish(page, { channel: `elsewhere/${site}`, payload: "1" });
+  assert.equal(await noRoute.getAttribute("data-code"), "no_route");
+  const forbidden = await publish(page, { channel: `telemetry/${site}/x`, payload: "1" });
+  assert.equal(await forbidden.getAttribute("data-code"), "forbidden");
+
+  await page.screenshot({ path: join(OUT_DIR, "console-mqtt.png") });
+});
