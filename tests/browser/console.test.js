@@ -2,9 +2,11 @@
 // and publishing on the embedded default (memory backend) and through Mosquitto. Screenshots go
 // to target/browser/.
 import assert from "node:assert/strict";
+import { createHmac, randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { test } from "node:test";
 import {
+  TEST_TIMEOUT,
   CONSOLE_FROM_DISK,
   OUT_DIR,
   follow,
@@ -57,7 +59,7 @@ function messageOn(page, channel) {
   return page.locator(`[data-testid="message"][data-channel="${channel}"]`);
 }
 
-test("the console subscribes and publishes through the embedded default", async (t) => {
+test("the console subscribes and publishes through the embedded default", { timeout: TEST_TIMEOUT }, async (t) => {
   const gateway = await startGateway(t, { name: "console-memory" });
   const browser = await launchBrowser(t);
   const page = await openConsole(t, browser, gateway);
@@ -126,7 +128,7 @@ test("the console subscribes and publishes through the embedded default", async 
   assert.equal(await paris.getAttribute("data-subscription"), `${base}/#`);
 });
 
-test("the console through Mosquitto: devices reach the page, the page reaches devices", async (t) => {
+test("the console through Mosquitto: devices reach the page, the page reaches devices", { timeout: TEST_TIMEOUT }, async (t) => {
   const site = unique("site");
   const gateway = await startGateway(t, {
     name: "console-mqtt",
@@ -199,4 +201,70 @@ qos = 1
   assert.equal(await forbidden.getAttribute("data-code"), "forbidden");
 
   await page.screenshot({ path: join(OUT_DIR, "console-mqtt.png") });
+});
+
+/** An HS256 JWT, as an identity provider would issue it. */
+function hs256(secret, claims) {
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const body = `${encode({ alg: "HS256", typ: "JWT" })}.${encode(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+test("the console with a token: refused without one, scoped to its subject with one", { timeout: TEST_TIMEOUT }, async (t) => {
+  const secret = randomBytes(32).toString("hex");
+  const gateway = await startGateway(t, {
+    name: "console-token",
+    config: `
+[auth]
+mode = "jwt"
+secret = "${secret}"
+
+[backends.local]
+type = "memory"
+
+[[routes]]
+channel = "users/{claims.sub}/#"
+backend = "local"
+topic = "users/{claims.sub}/#"
+allow = ["subscribe", "publish"]
+
+[[routes]]
+channel = "devices/{device}/#"
+backend = "local"
+topic = "plant/{device}/#"
+allow = ["subscribe", "publish"]
+publish_if = "'operator' in claims.roles"
+`,
+  });
+  const browser = await launchBrowser(t);
+  const page = await newPage(browser);
+  t.after(() => {
+    if (page.logs.length) t.diagnostic(`page said:\n${page.logs.join("\n")}`);
+  });
+  await page.goto(`${gateway.origin}/console/`);
+  if (CONSOLE_FROM_DISK) await page.reload();
+
+  // Without a token the page says so, once, and stops trying.
+  await page.locator('[data-testid="event-error"][data-code="invalid_token"]').first().waitFor();
+  await page.locator('[data-testid="state"][data-state="closed"]').waitFor();
+  assert.equal(await page.locator('[data-testid="event-error"]').count(), 1);
+
+  const user = unique("user");
+  const token = hs256(secret, { sub: user, exp: Math.floor(Date.now() / 1000) + 3600 });
+  await page.getByTestId("token").fill(token);
+  await page.getByTestId("connect").click();
+  await page.locator('[data-testid="state"][data-state="connected"]').waitFor();
+  await page.getByTestId("route").first().waitFor();
+  const channels = await page.getByTestId("route").evaluateAll((items) => items.map((i) => i.dataset.channel));
+  assert.ok(channels.length >= 1, `routes listed: ${channels}`);
+
+  await subscribe(page, `users/${user}/#`);
+  const ok = await publish(page, { channel: `users/${user}/notes`, payload: '{"hello": "me"}' });
+  assert.equal(await ok.getAttribute("data-result"), "ok", await ok.innerText());
+  await messageOn(page, `users/${user}/notes`).waitFor();
+
+  const other = await publish(page, { channel: `users/someone-else/notes`, payload: "1" });
+  assert.equal(await other.getAttribute("data-code"), "forbidden");
+  const device = await publish(page, { channel: "devices/d1/cmd", payload: "1" });
+  assert.equal(await device.getAttribute("data-code"), "forbidden");
 });

@@ -19,6 +19,8 @@ export const GATEWAY_BIN = process.env.WSBRIDGE_BIN
   ? resolve(REPO, process.env.WSBRIDGE_BIN)
   : join(REPO, "target", "debug", "wsbridge");
 export const KAFKA_BROKERS = process.env.WSBRIDGE_KAFKA_BROKERS ?? "127.0.0.1:9092";
+/** No test may take longer than this, whatever hangs. */
+export const TEST_TIMEOUT = 90_000;
 /** Take the console's files from this checkout, not from the gateway binary (see newPage). */
 export const CONSOLE_FROM_DISK = process.env.WSBRIDGE_CONSOLE_FROM_DISK === "1";
 export const CHROMIUM = process.env.WSBRIDGE_CHROMIUM ?? "/usr/bin/chromium";
