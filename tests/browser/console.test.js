@@ -126,6 +126,28 @@ test("the console subscribes and publishes through the embedded default", { time
   await paris.waitFor();
   assert.equal(await paris.count(), 1, "one subscription left, so the message arrives once");
   assert.equal(await paris.getAttribute("data-subscription"), `${base}/#`);
+
+  // The list keeps the newest 500 messages however many arrive.
+  const before = Number(await page.getByTestId("message-count").innerText());
+  const burst = 520;
+  for (let i = 0; i < burst; i += 40) {
+    const batch = [];
+    for (let n = i; n < Math.min(i + 40, burst); n += 1) {
+      batch.push(
+        fetch(`${gateway.origin}/publish`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ channel: `${base}/burst/${n}`, payload: { n } }),
+        }).then((response) => assert.equal(response.status, 200)),
+      );
+    }
+    await Promise.all(batch);
+  }
+  await page.waitForFunction(
+    (total) => Number(document.querySelector('[data-testid="message-count"]').textContent) >= total,
+    before + burst,
+  );
+  assert.equal(await page.getByTestId("message").count(), 500);
 });
 
 test("the console through Mosquitto: devices reach the page, the page reaches devices", { timeout: TEST_TIMEOUT }, async (t) => {
