@@ -188,7 +188,15 @@ function connect() {
     if (client !== mine) return;
     setState(state);
     logEvent("info", state, state === "connected" ? wsUrl : "");
-    if (state === "connected") loadRoutes();
+    if (state === "connected") {
+      loadRoutes();
+    } else if (state === "disconnected") {
+      // The client renews every subscription on the next connection; each shows "active" again
+      // once the gateway confirms it.
+      for (const s of subscriptions.values()) {
+        if (s.li.dataset.state === "active") setSubState(s, "pending", "waiting for the gateway");
+      }
+    }
   });
   client.on("error", (error) => {
     if (client !== mine) return;

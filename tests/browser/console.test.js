@@ -127,6 +127,15 @@ test("the console subscribes and publishes through the embedded default", { time
   assert.equal(await paris.count(), 1, "one subscription left, so the message arrives once");
   assert.equal(await paris.getAttribute("data-subscription"), `${base}/#`);
 
+  // The gateway crashes and comes back: the page reconnects and renews the subscription.
+  await gateway.restart();
+  await page.locator('[data-testid="event-info"][data-code="disconnected"]').first().waitFor();
+  await page.locator('[data-testid="state"][data-state="connected"]').waitFor();
+  await page.locator(`[data-testid="subscription"][data-pattern="${base}/#"][data-state="active"]`).waitFor();
+  const again = await publish(page, { channel: `${base}/oslo/temp`, payload: "3" });
+  assert.equal(await again.getAttribute("data-result"), "ok", await again.innerText());
+  await messageOn(page, `${base}/oslo/temp`).waitFor();
+
   // The list keeps the newest 500 messages however many arrive.
   const before = Number(await page.getByTestId("message-count").innerText());
   const burst = 520;
