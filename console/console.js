@@ -323,6 +323,7 @@ function fromText(from) {
 function setSubState(s, state, text) {
   s.li.dataset.state = state;
   s.stateLabel.textContent = text ?? state;
+  s.button.textContent = state === "failed" ? "remove" : "unsubscribe";
 }
 
 function detach(s) {
@@ -342,19 +343,20 @@ function subscribe(pattern, from) {
   const s = { pattern, from, count: 0, detached: false };
   s.stateLabel = el("span", { class: "sub-state", "data-testid": "subscription-state" });
   s.countLabel = el("span", { class: "sub-count", "data-testid": "subscription-count", text: "0" });
+  s.button = el("button", {
+    type: "button",
+    class: "small",
+    text: "unsubscribe",
+    "data-testid": "unsubscribe",
+    onclick: () => unsubscribe(pattern),
+  });
   s.li = el(
     "li",
     { "data-testid": "subscription", "data-pattern": pattern },
     el("span", { class: "pattern", text: pattern, title: `from ${fromText(from)}` }),
     s.stateLabel,
     s.countLabel,
-    el("button", {
-      type: "button",
-      class: "small",
-      text: "unsubscribe",
-      "data-testid": "unsubscribe",
-      onclick: () => unsubscribe(pattern),
-    }),
+    s.button,
   );
   setSubState(s, "pending", "subscribing…");
   subscriptions.set(pattern, s);

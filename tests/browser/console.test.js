@@ -72,6 +72,15 @@ test("the console subscribes and publishes through the embedded default", { time
   const base = unique("console");
   await subscribe(page, `${base}/+/temp`);
 
+  // A pattern the gateway refuses says why.
+  await page.getByTestId("sub-pattern").fill(`${base}/#/temp`);
+  await page.getByTestId("subscribe").click();
+  const refusedSub = page.locator(`[data-testid="subscription"][data-pattern="${base}/#/temp"]`);
+  await refusedSub.and(page.locator('[data-state="failed"]')).waitFor();
+  assert.equal(await refusedSub.getByTestId("subscription-state").innerText(), "invalid_channel");
+  await refusedSub.getByTestId("unsubscribe").click();
+  await refusedSub.waitFor({ state: "detached" });
+
   const json = await publish(page, {
     channel: `${base}/berlin/temp`,
     payload: '{"celsius": 21.5, "sensor": {"id": "t-1"}}',

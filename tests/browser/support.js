@@ -126,19 +126,14 @@ export async function startGateway(t, { name, config = null, server = "" } = {})
       this.process = child;
       let exited = null;
       child.exited.then((e) => (exited = e));
-      await waitFor(
-        async () => {
-          if (exited) {
-            throw new Error(`the gateway exited (${JSON.stringify(exited)}); see ${logFile}`);
-          }
-          const response = await fetch(`${this.origin}/healthz`);
-          return response.ok;
-        },
-        { timeout: 20_000, what: `the gateway on ${listen} (${GATEWAY_BIN}; log ${logFile})` },
-      ).catch((error) => {
-        if (exited) throw new Error(`the gateway exited (${JSON.stringify(exited)}); see ${logFile}`);
-        throw error;
+      await waitFor(async () => exited || (await fetch(`${this.origin}/healthz`)).ok, {
+        timeout: 20_000,
+        what: `the gateway on ${listen} (${GATEWAY_BIN}; log ${logFile})`,
       });
+      if (exited) {
+        const how = exited.error?.message ?? `exit ${exited.code ?? exited.signal}`;
+        throw new Error(`the gateway did not start (${how}); its log: ${logFile}`);
+      }
       return this;
     },
     /** Kills the process outright, as a crash would, and waits until it is gone. */
