@@ -1,0 +1,2 @@
+/** Public types of the client API. */
+export {};
