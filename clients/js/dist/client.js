@@ -93,6 +93,8 @@ export class Client extends Emitter {
     #connected = false;
     /** The token the current connection was opened or last refreshed with. */
     #currentToken;
+    /** The token of a connection the gateway closed with 4001: known to be expired. */
+    #expiredToken;
     #nextId = 1;
     #pending = new Map();
     #subs = new Map();
@@ -259,6 +261,15 @@ export class Client extends Emitter {
         }
         if (generation !== this.#generation)
             return;
+        if (token !== undefined && token === this.#expiredToken) {
+            // The gateway closed the last connection because this very token expired: offering it again
+            // cannot succeed (and within the second of its `exp` a handshake may still pass, only to be
+            // closed at once, over and over).
+            const refusal = new WsbridgeError("invalid_token", "token expired");
+            this.emit("error", refusal);
+            void this.#shutdown(refusal);
+            return;
+        }
         const protocols = [this.#codec.subprotocol];
         // Browsers cannot set headers on a WebSocket: the token travels as a subprotocol entry.
         if (token !== undefined)
@@ -411,8 +422,10 @@ export class Client extends Emitter {
             slot.retries = 0;
         }
         // 4001: the token expired. The next attempt asks the token function for a fresh one.
-        if (code === TOKEN_EXPIRED)
+        if (code === TOKEN_EXPIRED) {
             this.#attempt = 0;
+            this.#expiredToken = this.#currentToken;
+        }
         this.#scheduleReconnect();
     }
     /** Drops a connection that stopped answering and reconnects. */

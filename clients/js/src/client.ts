@@ -158,6 +158,8 @@ export class Client extends Emitter<ClientEvents> {
   #connected = false;
   /** The token the current connection was opened or last refreshed with. */
   #currentToken: string | undefined;
+  /** The token of a connection the gateway closed with 4001: known to be expired. */
+  #expiredToken: string | undefined;
   #nextId = 1;
   readonly #pending = new Map<string, PendingRequest>();
   readonly #subs = new Map<string, SubscriptionSlot>();
@@ -321,6 +323,15 @@ export class Client extends Emitter<ClientEvents> {
       return;
     }
     if (generation !== this.#generation) return;
+    if (token !== undefined && token === this.#expiredToken) {
+      // The gateway closed the last connection because this very token expired: offering it again
+      // cannot succeed (and within the second of its `exp` a handshake may still pass, only to be
+      // closed at once, over and over).
+      const refusal = new WsbridgeError("invalid_token", "token expired");
+      this.emit("error", refusal);
+      void this.#shutdown(refusal);
+      return;
+    }
 
     const protocols = [this.#codec.subprotocol];
     // Browsers cannot set headers on a WebSocket: the token travels as a subprotocol entry.
@@ -462,7 +473,10 @@ export class Client extends Emitter<ClientEvents> {
       slot.retries = 0;
     }
     // 4001: the token expired. The next attempt asks the token function for a fresh one.
-    if (code === TOKEN_EXPIRED) this.#attempt = 0;
+    if (code === TOKEN_EXPIRED) {
+      this.#attempt = 0;
+      this.#expiredToken = this.#currentToken;
+    }
     this.#scheduleReconnect();
   }
 

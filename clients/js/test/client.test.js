@@ -370,6 +370,20 @@ allow = ["subscribe", "publish"]
     assert.deepEqual(states, ["connecting", "closed"]);
   });
 
+  test("a fixed token that expires: close 4001, then one invalid_token error and no attempt with the expired token", async () => {
+    const expiring = signJwt({ sub: "carol", exp: Math.floor(Date.now() / 1000) + 2 }, secret);
+    const c = client(gateway.url, { token: expiring });
+    const states = recordStates(c);
+    const errors = [];
+    c.on("error", (e) => errors.push(e));
+    const sub = c.subscribe("users/carol/#");
+    await within(sub.ready, 5000, "subscribe ok");
+    await nextEvent(c, "state", { filter: (s) => s === "closed", timeout: 10000 });
+    assert.deepEqual(states, ["connecting", "connected", "disconnected", "connecting", "closed"]);
+    assert.deepEqual(errors.map((e) => [e.code, e.message]), [["invalid_token", "token expired"]]);
+    assert.equal(sub.state, "closed");
+  });
+
   test("routes() lists what the token may use", async () => {
     const c = client(gateway.url, { token: signJwt({ sub: "bob", exp: Math.floor(Date.now() / 1000) + 60 }, secret) });
     try {
