@@ -283,6 +283,35 @@ describe("reconnect", () => {
   });
 });
 
+describe("shutdown", () => {
+  test("a gateway stopping with SIGTERM: shutting_down status, then the client follows it to its restart", async () => {
+    const gateway = await Gateway.start({ config: MEMORY_ROUTES });
+    const c = client(gateway.url);
+    try {
+      const base = `rw/${uid()}`;
+      const sub = c.subscribe(`${base}/#`);
+      const messages = recordMessages(sub);
+      await within(sub.ready, 5000, "subscribe ok");
+      const statuses = [];
+      c.on("status", (s) => statuses.push(s));
+      const disconnected = nextEvent(c, "state", { filter: (s) => s === "disconnected", timeout: 15000 });
+      await gateway.kill("SIGTERM");
+      await disconnected;
+      assert.deepEqual(statuses.map((s) => s.code), ["shutting_down"]);
+      assert.equal(typeof statuses[0].reconnectAfterMs, "number");
+
+      const resubscribed = nextEvent(sub, "subscribed", { timeout: 10000 });
+      await gateway.restart();
+      await resubscribed;
+      await c.publish(`${base}/x`, "back");
+      await waitFor(() => messages.length === 1, { what: "a message after the restart" });
+    } finally {
+      await c.close();
+      await gateway.stop();
+    }
+  });
+});
+
 describe("tokens", () => {
   const secret = `secret-${uid()}-${uid()}`;
   const JWT_CONFIG = `
