@@ -99,6 +99,8 @@ export class Client extends Emitter {
     #pending = new Map();
     #subs = new Map();
     #queue = [];
+    /** Unsubscribes still on their way, by pattern: a new subscribe to the pattern waits for them. */
+    #leaving = new Map();
     #reconnectTimer;
     #connectTimer;
     #refreshTimer;
@@ -541,12 +543,26 @@ export class Client extends Emitter {
         slot.wire = "pending";
         const generation = this.#generation;
         const pattern = slot.sub.pattern;
+        const leaving = this.#leaving.get(pattern);
+        if (leaving) {
+            // The gateway still holds this pattern for an earlier subscription: subscribing now would
+            // meet that one, and its unsubscribe would then end this one.
+            void leaving.then(() => {
+                if (generation !== this.#generation || this.#subs.get(pattern) !== slot)
+                    return;
+                slot.wire = "none";
+                this.#sendSubscribe(slot);
+            });
+            return;
+        }
         this.#request({ type: "subscribe", channel: pattern, from: slot.sub.resumeFrom() }, (outcome) => {
             if (outcome.kind !== "reply") {
                 // Lost or aborted: the next connection subscribes again. Timed out: no answer from a
                 // gateway that always answers means the connection is stuck, so drop it.
                 slot.wire = "none";
-                if (outcome.kind === "timeout" && generation === this.#generation)
+                if (this.#subs.get(pattern) !== slot)
+                    slot.unsubscribeAfter?.();
+                else if (outcome.kind === "timeout" && generation === this.#generation)
                     this.#dropConnection();
                 return;
             }
@@ -587,7 +603,7 @@ export class Client extends Emitter {
         this.#subs.delete(sub.pattern);
         clearTimeout(slot.retryTimer);
         sub.end(new WsbridgeError("closed", "unsubscribed"), false);
-        return new Promise((resolve) => {
+        const done = new Promise((resolve) => {
             const send = () => {
                 if (slot.wire !== "active" || !this.#connected) {
                     resolve();
@@ -602,6 +618,12 @@ export class Client extends Emitter {
             else
                 send();
         });
+        this.#leaving.set(sub.pattern, done);
+        void done.then(() => {
+            if (this.#leaving.get(sub.pattern) === done)
+                this.#leaving.delete(sub.pattern);
+        });
+        return done;
     }
     #ping() {
         const generation = this.#generation;

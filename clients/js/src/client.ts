@@ -164,6 +164,8 @@ export class Client extends Emitter<ClientEvents> {
   readonly #pending = new Map<string, PendingRequest>();
   readonly #subs = new Map<string, SubscriptionSlot>();
   readonly #queue: OutgoingPublish[] = [];
+  /** Unsubscribes still on their way, by pattern: a new subscribe to the pattern waits for them. */
+  readonly #leaving = new Map<string, Promise<void>>();
   #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   #connectTimer: ReturnType<typeof setTimeout> | undefined;
   #refreshTimer: ReturnType<typeof setTimeout> | undefined;
@@ -594,6 +596,17 @@ export class Client extends Emitter<ClientEvents> {
     slot.wire = "pending";
     const generation = this.#generation;
     const pattern = slot.sub.pattern;
+    const leaving = this.#leaving.get(pattern);
+    if (leaving) {
+      // The gateway still holds this pattern for an earlier subscription: subscribing now would
+      // meet that one, and its unsubscribe would then end this one.
+      void leaving.then(() => {
+        if (generation !== this.#generation || this.#subs.get(pattern) !== slot) return;
+        slot.wire = "none";
+        this.#sendSubscribe(slot);
+      });
+      return;
+    }
     this.#request(
       { type: "subscribe", channel: pattern, from: slot.sub.resumeFrom() },
       (outcome) => {
@@ -601,7 +614,8 @@ export class Client extends Emitter<ClientEvents> {
           // Lost or aborted: the next connection subscribes again. Timed out: no answer from a
           // gateway that always answers means the connection is stuck, so drop it.
           slot.wire = "none";
-          if (outcome.kind === "timeout" && generation === this.#generation) this.#dropConnection();
+          if (this.#subs.get(pattern) !== slot) slot.unsubscribeAfter?.();
+          else if (outcome.kind === "timeout" && generation === this.#generation) this.#dropConnection();
           return;
         }
         const frame = outcome.frame;
@@ -641,7 +655,7 @@ export class Client extends Emitter<ClientEvents> {
     this.#subs.delete(sub.pattern);
     clearTimeout(slot.retryTimer);
     sub.end(new WsbridgeError("closed", "unsubscribed"), false);
-    return new Promise<void>((resolve) => {
+    const done = new Promise<void>((resolve) => {
       const send = (): void => {
         if (slot.wire !== "active" || !this.#connected) {
           resolve();
@@ -654,6 +668,11 @@ export class Client extends Emitter<ClientEvents> {
       if (slot.wire === "pending") slot.unsubscribeAfter = send;
       else send();
     });
+    this.#leaving.set(sub.pattern, done);
+    void done.then(() => {
+      if (this.#leaving.get(sub.pattern) === done) this.#leaving.delete(sub.pattern);
+    });
+    return done;
   }
 
   #ping(): void {

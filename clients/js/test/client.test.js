@@ -122,6 +122,12 @@ describe("memory backend", () => {
     await c.publish(`${base}/a`, 2);
     await waitFor(() => after.length === 1, { what: "the message on the second subscription" });
     assert.equal(messages.length, 3, "nothing arrives after unsubscribe");
+
+    // Unsubscribing before the gateway confirmed: the unsubscribe follows the confirmation, so the
+    // gateway holds nothing afterwards and the same pattern can be subscribed again.
+    const hasty = c.subscribe(`${base}/h`);
+    await within(hasty.unsubscribe(), 5000, "unsubscribe");
+    await within(c.subscribe(`${base}/h`).ready, 5000, "subscribing the same pattern again");
   });
 
   test("publish and subscribe errors carry the gateway's codes", async () => {
@@ -199,12 +205,15 @@ describe("memory backend", () => {
       const timedOut = c.publish(`${base}/a`, 1);
       const inFlight = c.publish(`${base}/a`, 2, { timeout: 60000 });
       const pendingSub = c.subscribe(`${base}/b`);
+      const leaving = c.subscribe(`${base}/c`);
+      const unsubscribed = leaving.unsubscribe();
       await rejectsWith(timedOut, "timeout");
 
       const closing = c.close();
       await rejectsWith(inFlight, "closed");
       await rejectsWith(pendingSub.ready, "closed");
       await rejectsWith(c.publish(`${base}/a`, 3), "closed");
+      await within(unsubscribed, 3000, "an unsubscribe made while its subscribe was unanswered");
       await within(closing, 3000, "close() to resolve");
       assert.equal(c.state, "closed");
       assert.equal(sub.state, "closed");
