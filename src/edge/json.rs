@@ -117,15 +117,15 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
 }
 
-/// Decodes one client frame.
-pub fn decode<'a>(text: &'a str) -> Result<Request, ProtocolError> {
+/// Parses one JSON object with every field kept raw.
+fn raw_frame(text: &str) -> Result<RawFrame<'_>, ProtocolError> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => ProtocolError::new(None, "invalid_frame", "a frame must be one JSON object"),
             Err(e) => ProtocolError::new(None, "invalid_json", format!("malformed JSON: {e}")),
         });
     }
-    let frame: RawFrame<'a> = serde_json::from_str(text).map_err(|e| {
+    serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
             ProtocolError::new(
                 None,
@@ -135,7 +135,12 @@ pub fn decode<'a>(text: &'a str) -> Result<Request, ProtocolError> {
         } else {
             ProtocolError::new(None, "invalid_json", format!("malformed JSON: {e}"))
         }
-    })?;
+    })
+}
+
+/// Decodes one client frame.
+pub fn decode<'a>(text: &'a str) -> Result<Request, ProtocolError> {
+    let frame: RawFrame<'a> = raw_frame(text)?;
 
     let id = match frame.id {
         Some(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
@@ -193,80 +198,14 @@ pub fn decode<'a>(text: &'a str) -> Result<Request, ProtocolError> {
             id,
         }),
         "publish" => {
-            let channel = field(required(frame.channel, "channel")?, "channel", &some_id)?;
-            let payload = required(frame.payload, "payload")?;
-            let encoding: Option<String> = frame
-                .encoding
-                .map(|raw| field(raw, "encoding", &some_id))
-                .transpose()?;
-            let payload = match encoding.as_deref() {
-                None => match serde_json::from_str::<String>(payload.get()) {
-                    Ok(text) => ClientPayload::Text(text),
-                    Err(_) => ClientPayload::Json(payload.to_owned()),
-                },
-                Some("base64") => {
-                    let text: String = field(payload, "payload", &some_id)?;
-                    ClientPayload::Binary(Bytes::from(BASE64.decode(text.as_bytes()).map_err(
-                        |e| {
-                            ProtocolError::new(
-                                some_id.clone(),
-                                "invalid_frame",
-                                format!("field \"payload\" is not valid base64: {e}"),
-                            )
-                        },
-                    )?))
-                }
-                Some(other) => {
-                    return Err(ProtocolError::new(
-                        some_id,
-                        "invalid_frame",
-                        format!(
-                            "field \"encoding\" must be \"base64\" when present, not {other:?}"
-                        ),
-                    ));
-                }
-            };
-            let key = frame
-                .key
-                .map(|raw| field(raw, "key", &some_id))
-                .transpose()?;
-            let headers = match frame.headers {
-                None => Vec::new(),
-                Some(raw) => {
-                    let map: serde_json::Map<String, serde_json::Value> =
-                        field(raw, "headers", &some_id)?;
-                    let mut headers = Vec::with_capacity(map.len());
-                    for (name, value) in map {
-                        let serde_json::Value::String(value) = value else {
-                            return Err(ProtocolError::new(
-                                some_id,
-                                "invalid_frame",
-                                format!("header {name:?} must have a string value"),
-                            ));
-                        };
-                        headers.push((name, value));
-                    }
-                    headers
-                }
-            };
-            let partition = frame
-                .partition
-                .map(|raw| field::<i32>(raw, "partition", &some_id))
-                .transpose()?;
-            if partition.is_some_and(|p| p < 0) {
-                return Err(ProtocolError::new(
-                    some_id,
-                    "invalid_frame",
-                    "field \"partition\" must not be negative",
-                ));
-            }
+            let fields = publish_fields(&frame, &some_id)?;
             Ok(Request::Publish {
                 id,
-                channel,
-                payload,
-                key,
-                headers,
-                partition,
+                channel: fields.channel,
+                payload: fields.payload,
+                key: fields.key,
+                headers: fields.headers,
+                partition: fields.partition,
             })
         }
         "ping" => Ok(Request::Ping { id }),
@@ -282,6 +221,117 @@ pub fn decode<'a>(text: &'a str) -> Result<Request, ProtocolError> {
             ),
         )),
     }
+}
+
+/// The fields of a publish: a `publish` frame without `type` and `id`.
+#[derive(Debug)]
+pub struct PublishFields {
+    pub channel: String,
+    pub payload: ClientPayload,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub partition: Option<i32>,
+}
+
+/// Decodes a publish given as one JSON object `{"channel", "payload", "encoding"?, "key"?,
+/// "headers"?, "partition"?}` (the body of `POST /publish`), with the same rules and error codes
+/// as a `publish` frame. Other fields are ignored, as in frames.
+pub fn decode_publish(text: &str) -> Result<PublishFields, ProtocolError> {
+    publish_fields(&raw_frame(text)?, &None)
+}
+
+/// Parses a subscription's start position written as JSON: `"latest"`, `"earliest"`,
+/// `{"timestamp": ms}` or `{"offsets": {"<partition>": <next offset>, ...}}`.
+pub fn decode_start_position(text: &str) -> Result<StartPosition, ProtocolError> {
+    let raw: &RawValue = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(None, "invalid_frame", format!("malformed JSON: {e}")))?;
+    start_position(raw, &None)
+}
+
+fn publish_fields<'a>(
+    frame: &RawFrame<'a>,
+    some_id: &Option<RequestId>,
+) -> Result<PublishFields, ProtocolError> {
+    let required = |raw: Option<&'a RawValue>, name: &str| {
+        raw.ok_or_else(|| {
+            ProtocolError::new(
+                some_id.clone(),
+                "invalid_frame",
+                format!("missing field {name:?} in \"publish\" request"),
+            )
+        })
+    };
+    let channel = field(required(frame.channel, "channel")?, "channel", some_id)?;
+    let payload = required(frame.payload, "payload")?;
+    let encoding: Option<String> = frame
+        .encoding
+        .map(|raw| field(raw, "encoding", some_id))
+        .transpose()?;
+    let payload = match encoding.as_deref() {
+        None => match serde_json::from_str::<String>(payload.get()) {
+            Ok(text) => ClientPayload::Text(text),
+            Err(_) => ClientPayload::Json(payload.to_owned()),
+        },
+        Some("base64") => {
+            let text: String = field(payload, "payload", some_id)?;
+            ClientPayload::Binary(Bytes::from(BASE64.decode(text.as_bytes()).map_err(
+                |e| {
+                    ProtocolError::new(
+                        some_id.clone(),
+                        "invalid_frame",
+                        format!("field \"payload\" is not valid base64: {e}"),
+                    )
+                },
+            )?))
+        }
+        Some(other) => {
+            return Err(ProtocolError::new(
+                some_id.clone(),
+                "invalid_frame",
+                format!("field \"encoding\" must be \"base64\" when present, not {other:?}"),
+            ));
+        }
+    };
+    let key = frame
+        .key
+        .map(|raw| field(raw, "key", some_id))
+        .transpose()?;
+    let headers = match frame.headers {
+        None => Vec::new(),
+        Some(raw) => {
+            let map: serde_json::Map<String, serde_json::Value> = field(raw, "headers", some_id)?;
+            let mut headers = Vec::with_capacity(map.len());
+            for (name, value) in map {
+                let serde_json::Value::String(value) = value else {
+                    return Err(ProtocolError::new(
+                        some_id.clone(),
+                        "invalid_frame",
+                        format!("header {name:?} must have a string value"),
+                    ));
+                };
+                headers.push((name, value));
+            }
+            headers
+        }
+    };
+    let partition = frame
+        .partition
+        .map(|raw| field::<i32>(raw, "partition", some_id))
+        .transpose()?;
+    if partition.is_some_and(|p| p < 0) {
+        return Err(ProtocolError::new(
+            some_id.clone(),
+            "invalid_frame",
+            "field \"partition\" must not be negative",
+        ));
+    }
+    Ok(PublishFields {
+        channel,
+        payload,
+        key,
+        headers,
+        partition,
+    })
 }
 
 fn field<T: for<'de> Deserialize<'de>>(
