@@ -5,12 +5,13 @@
 //! connection gets a short HTTP 503 or 429 and is closed. Publish limits are token buckets per
 //! connection, in messages and bytes per second; a publish over the limit is answered with
 //! `rate_limited` and not sent. Subscribes and unsubscribes share a bucket of their own, also
-//! answered with `rate_limited`.
+//! answered with `rate_limited`. HTTP publishes (`POST /publish`), which have no connection to
+//! count against, use the same two publish rates per client address ([`AddressPublishLimiter`]).
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -251,6 +252,68 @@ impl RequestLimiter {
     }
 }
 
+/// How many checks an [`AddressPublishLimiter`] makes between forgetting quiet addresses.
+const FORGET_EVERY: u64 = 1024;
+
+/// The publish rates (`limits.publish_per_second`, `limits.publish_bytes_per_second`) per client
+/// address, for publishes that arrive without a connection of their own (HTTP publish).
+pub struct AddressPublishLimiter {
+    messages: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    bytes: Option<(DefaultKeyedRateLimiter<IpAddr>, u32)>,
+    checks: AtomicU64,
+}
+
+impl AddressPublishLimiter {
+    /// `max_message_size` bounds one publish, so the byte bucket holds at least that much.
+    pub fn new(config: &LimitsConfig, max_message_size: usize) -> Self {
+        let bytes = NonZeroU32::new(config.publish_bytes_per_second).map(|rate| {
+            let burst = rate.max(
+                NonZeroU32::new(max_message_size.min(u32::MAX as usize) as u32).unwrap_or(rate),
+            );
+            (
+                RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+                burst.get(),
+            )
+        });
+        AddressPublishLimiter {
+            messages: NonZeroU32::new(config.publish_per_second)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            bytes,
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one publish of `size` bytes from `ip`'s buckets, or says which limit it exceeds.
+    pub fn check_publish(&self, ip: IpAddr, size: usize) -> Result<(), String> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % FORGET_EVERY == FORGET_EVERY - 1 {
+            if let Some(messages) = &self.messages {
+                messages.retain_recent();
+            }
+            if let Some((bytes, _)) = &self.bytes {
+                bytes.retain_recent();
+            }
+        }
+        if let Some(messages) = &self.messages
+            && messages.check_key(&ip).is_err()
+        {
+            return Err(
+                "publish rate limit reached for your address (limits.publish_per_second)".into(),
+            );
+        }
+        if let Some((bytes, burst)) = &self.bytes {
+            let n =
+                NonZeroU32::new(size.clamp(1, *burst as usize) as u32).unwrap_or(NonZeroU32::MIN);
+            if !matches!(bytes.check_key_n(&ip, n), Ok(Ok(()))) {
+                return Err(
+                    "publish byte rate limit reached for your address (limits.publish_bytes_per_second)"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,5 +388,43 @@ mod tests {
                 .check_publish(1 << 20)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn address_publish_limits_are_per_address() {
+        let limiter = AddressPublishLimiter::new(
+            &LimitsConfig {
+                publish_per_second: 2,
+                ..LimitsConfig::unlimited()
+            },
+            1024,
+        );
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(limiter.check_publish(a, 10).is_ok());
+        assert!(limiter.check_publish(a, 10).is_ok());
+        assert!(
+            limiter
+                .check_publish(a, 10)
+                .unwrap_err()
+                .contains("publish_per_second")
+        );
+        assert!(limiter.check_publish(b, 10).is_ok());
+
+        let bytes = AddressPublishLimiter::new(
+            &LimitsConfig {
+                publish_bytes_per_second: 100,
+                ..LimitsConfig::unlimited()
+            },
+            50,
+        );
+        assert!(bytes.check_publish(a, 60).is_ok());
+        assert!(
+            bytes
+                .check_publish(a, 60)
+                .unwrap_err()
+                .contains("publish_bytes_per_second")
+        );
+        assert!(bytes.check_publish(b, 60).is_ok());
     }
 }

@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, Uri, header};
 use tokio_util::sync::CancellationToken;
 
 pub use jwt::{AuthConfig, AuthMode, Secret, TokenError, TokenSource, Verified};
-pub use policy::{AccessError, Policy};
+pub use policy::{AccessError, Policy, UsableRoute};
 
 use crate::config::ConfigProblem;
 use crate::routing::ClaimSource;

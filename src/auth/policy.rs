@@ -4,7 +4,9 @@
 //! configs next to the [`Router`] the rules refer to.
 
 use crate::config::{ConfigProblem, Operation, RouteConfig};
-use crate::routing::{ChannelPattern, RenderError, Resolved, RouteError, Router};
+use std::sync::Arc;
+
+use crate::routing::{ChannelPattern, RenderError, Resolved, Route, RouteError, Router};
 
 use super::Principal;
 use super::rules::{Rule, RuleContext};
@@ -14,6 +16,17 @@ use super::rules::{Rule, RuleContext};
 pub struct AccessError {
     pub code: &'static str,
     pub message: String,
+}
+
+/// A route a principal may use for at least one operation (`GET /routes`).
+#[derive(Debug, Clone)]
+pub struct UsableRoute {
+    pub route: Arc<Route>,
+    /// The widest pattern of the route for this principal: its channel template with each
+    /// `{name}` as `+` and each `{claims.x}` as the principal's value.
+    pub pattern: String,
+    /// What the principal may do there, on at least some channels.
+    pub operations: Vec<Operation>,
 }
 
 /// The rules of one route.
@@ -93,6 +106,48 @@ impl Policy {
             compiled[index] = rules;
         }
         Policy { routes: compiled }
+    }
+
+    /// The routes on which `principal` may do at least one operation on some channel, in
+    /// config order: the route allows it, the route's claim placeholders can be filled from the
+    /// principal's claims, and the operation's rule is not false whatever the channel's
+    /// placeholders hold.
+    pub fn usable_routes(&self, router: &Router, principal: &Principal) -> Vec<UsableRoute> {
+        let mut usable = Vec::new();
+        for route in router.routes() {
+            let Some(pattern) = route.channel.pattern_for(principal) else {
+                continue;
+            };
+            let rules = self.routes.get(route.index);
+            let open_vars: Vec<(String, Option<String>)> = route
+                .channel
+                .placeholders()
+                .map(|p| (p.key().into_owned(), None))
+                .collect();
+            let input = RuleInput {
+                vars: &open_vars,
+                principal,
+            };
+            let operations: Vec<Operation> = [Operation::Subscribe, Operation::Publish]
+                .into_iter()
+                .filter(|op| route.allows(*op))
+                .filter(|op| {
+                    let rule = match op {
+                        Operation::Subscribe => rules.and_then(|r| r.subscribe_if.as_ref()),
+                        Operation::Publish => rules.and_then(|r| r.publish_if.as_ref()),
+                    };
+                    rule.is_none_or(|rule| rule.may_allow(&input))
+                })
+                .collect();
+            if !operations.is_empty() {
+                usable.push(UsableRoute {
+                    route: route.clone(),
+                    pattern,
+                    operations,
+                });
+            }
+        }
+        usable
     }
 
     /// Routes `pattern` and decides whether `principal` may `op` it.

@@ -104,6 +104,12 @@ impl Rule {
     pub fn allows(&self, cx: &dyn RuleContext) -> bool {
         eval(&self.expr, cx) == Truth::True
     }
+
+    /// Whether the rule may hold for some values of the placeholders the context leaves open
+    /// (it is not certainly false).
+    pub fn may_allow(&self, cx: &dyn RuleContext) -> bool {
+        eval(&self.expr, cx) != Truth::False
+    }
 }
 
 impl fmt::Display for Rule {

@@ -325,6 +325,11 @@ impl Hub {
         Ok(handle)
     }
 
+    /// The routes `principal` may use, with what it may do on each (`GET /routes`).
+    pub fn usable_routes(&self, principal: &Principal) -> Vec<auth::UsableRoute> {
+        self.policy.usable_routes(&self.router, principal)
+    }
+
     /// Whether `principal` may still hold a subscription to `pattern` (after a token refresh).
     pub fn may_subscribe(&self, principal: &Principal, pattern: &ChannelPattern) -> bool {
         self.policy

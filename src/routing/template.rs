@@ -251,6 +251,31 @@ impl ChannelTemplate {
         })
     }
 
+    /// The widest client pattern this template serves for a connection: each `{name}` as `+`,
+    /// each `{claims.x}` as the connection's claim value, and the final `#` kept. `None` when a
+    /// claim it binds is missing or could not be a channel level.
+    pub fn pattern_for(&self, claims: &dyn ClaimSource) -> Option<String> {
+        let mut levels: Vec<Cow<'_, str>> = Vec::with_capacity(self.levels.len());
+        for level in &self.levels {
+            levels.push(match level {
+                ChannelLevel::Literal(l) => Cow::Borrowed(l.as_str()),
+                ChannelLevel::Placeholder(Placeholder::Var(_)) => Cow::Borrowed("+"),
+                ChannelLevel::Placeholder(Placeholder::Claim(path)) => {
+                    let value = claims.claim(path)?;
+                    let valid = !value.is_empty()
+                        && !value.contains(['/', '+', '#'])
+                        && !value.chars().any(char::is_control);
+                    if !valid {
+                        return None;
+                    }
+                    Cow::Owned(value.into_owned())
+                }
+                ChannelLevel::Multi => Cow::Borrowed("#"),
+            });
+        }
+        Some(levels.join("/"))
+    }
+
     /// Matches a client pattern against this template. Succeeds only when every channel the
     /// pattern can match is served by this template (a `#` in the pattern may stand for
     /// placeholders followed by the template's own `#`).
