@@ -2,14 +2,19 @@
 //!
 //! An edge accepts clients in one wire format and speaks to the core through
 //! [`crate::fanout::Hub`] (subscribe, publish) and [`crate::fanout::Encoding`] (what subscribers
-//! receive). Today's edge is the WebSocket endpoint ([`ws`]) with two client protocols, chosen
-//! by subprotocol: JSON text frames ([`json`], `wsbridge.v1.json`) and binary Protobuf frames
-//! ([`protobuf`], `wsbridge.v1.protobuf`). Both decode into the same [`Request`] and answer with
-//! the same [`Reply`], defined here so other edges (Server-Sent Events, HTTP publish) can share
-//! them. docs/PROTOCOL.md documents the protocols side by side.
+//! receive). The WebSocket endpoint ([`ws`]) has two client protocols, chosen by subprotocol:
+//! JSON text frames ([`json`], `wsbridge.v1.json`) and binary Protobuf frames ([`protobuf`],
+//! `wsbridge.v1.protobuf`). Both decode into the same [`Request`] and answer with the same
+//! [`Reply`], defined here. Two HTTP edges serve clients that cannot or need not hold a
+//! WebSocket: Server-Sent Events ([`sse`], a subscription stream whose events carry the JSON
+//! protocol's frames) and HTTP publish ([`http_publish`], one publish per request, parsed like a
+//! JSON `publish` frame). They answer refusals with an HTTP status chosen by [`http_status`] from
+//! the same error codes. docs/PROTOCOL.md documents the protocols side by side.
 
+pub mod http_publish;
 pub mod json;
 pub mod protobuf;
+pub mod sse;
 pub mod ws;
 
 use serde::Serialize;
@@ -141,5 +146,32 @@ impl From<Position> for PositionJson {
             partition: p.partition,
             offset: p.offset,
         }
+    }
+}
+
+/// The HTTP status for an error code, for the HTTP edges (`/sse` before its stream starts,
+/// `/publish`, `/routes`). docs/PROTOCOL.md lists the mapping.
+pub fn http_status(code: &str) -> u16 {
+    match code {
+        "invalid_token" => 401,
+        "forbidden" => 403,
+        "no_route" => 404,
+        "unsupported_media_type" => 415,
+        "message_too_big" | "message_too_large" => 413,
+        "rate_limited" | "too_many_replays" => 429,
+        "backend_unavailable" | "shutting_down" => 503,
+        "backend_timeout" => 504,
+        "invalid_json"
+        | "invalid_frame"
+        | "invalid_request"
+        | "invalid_channel"
+        | "invalid_payload"
+        | "invalid_partition"
+        | "unsupported"
+        | "unsupported_pattern"
+        | "already_subscribed"
+        | "too_many_subscriptions" => 400,
+        // `backend_error` and the refusals backends add for their brokers.
+        _ => 502,
     }
 }

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub allowed_origins: Option<Vec<String>>,
     /// Serve TLS (`wss://`) with this certificate and key.
     pub tls: Option<TlsConfig>,
+    /// Serve the built-in console page at `/console/` (and redirect `/` to it).
+    pub console: bool,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +79,7 @@ impl Default for ServerConfig {
             drain_window: Duration::ZERO,
             allowed_origins: None,
             tls: None,
+            console: true,
         }
     }
 }

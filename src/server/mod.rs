@@ -1,4 +1,5 @@
-//! The listener: accepts TCP connections, serves HTTP on them and upgrades `/ws` to sessions.
+//! The listener: accepts TCP connections, serves HTTP on them (`/ws` upgrades to sessions, `/sse`
+//! streams, `/publish`, `/routes`, the console).
 //!
 //! The accept loop is our own (not `axum::serve`) so that it can check connection limits before
 //! any HTTP is read, bound the time a client takes to send its request head, count and track
@@ -7,6 +8,7 @@
 //! ([`ServerConfig`]) and TLS ([`tls`]).
 
 pub mod config;
+pub mod console;
 mod http;
 pub mod tls;
 
@@ -18,12 +20,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::ServerConfig;
 
 use crate::edge::ws::{SessionContext, SessionSettings};
-use crate::limits::{ConnectionLimits, ConnectionPermit};
+use crate::limits::{AddressPublishLimiter, ConnectionLimits, ConnectionPermit};
 
 impl ServerConfig {
     /// The settings each WebSocket session runs with.
@@ -58,6 +61,10 @@ pub async fn serve(
         server: config.clone(),
         tracker: tracker.clone(),
         next_session: Arc::new(AtomicU64::new(1)),
+        publish_limiter: Arc::new(AddressPublishLimiter::new(
+            &cx.limits,
+            config.max_message_size,
+        )),
     };
     let app = http::app(state);
     let mut accepted_count: u64 = 0;
@@ -135,9 +142,11 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let abort = CancellationToken::new();
     let peer_info = http::Peer {
         addr: peer,
         _permit: Arc::new(permit),
+        abort: abort.clone(),
     };
     let service = TowerToHyperService::new(app.layer(axum::Extension(peer_info)));
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -154,9 +163,13 @@ async fn serve_connection<I>(
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
         }
+        _ = abort.cancelled() => tracing::debug!(%peer, "HTTP connection dropped"),
         _ = cx.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection => {}
+                _ = abort.cancelled() => tracing::debug!(%peer, "HTTP connection dropped"),
+            }
         }
     }
 }

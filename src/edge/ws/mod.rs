@@ -132,13 +132,13 @@ where
 /// A connection's subscriptions by the channel it subscribed with. Whatever is still held when
 /// this is dropped (the session ended by a panic, or its task was dropped) is released in the
 /// background, so no upstream keeps a dead connection as a member.
-struct Subscriptions {
+pub(crate) struct Subscriptions {
     hub: Arc<Hub>,
     held: HashMap<String, SubscriptionHandle>,
 }
 
 impl Subscriptions {
-    fn new(hub: Arc<Hub>) -> Self {
+    pub(crate) fn new(hub: Arc<Hub>) -> Self {
         Subscriptions {
             hub,
             held: HashMap::new(),
@@ -146,7 +146,7 @@ impl Subscriptions {
     }
 
     /// Releases every subscription now.
-    async fn release(&mut self) {
+    pub(crate) async fn release(&mut self) {
         for (_, handle) in self.held.drain() {
             self.hub.unsubscribe(handle).await;
         }
@@ -199,7 +199,7 @@ struct Session {
 
 /// A random point of the drain window: when a shutting-down connection is closed, so the closes
 /// (and the reconnects they cause) are spread over the window rather than all at once.
-fn drain_delay(id: u64, window: Duration) -> Duration {
+pub(crate) fn drain_delay(id: u64, window: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     if window.is_zero() {
         return Duration::ZERO;
