@@ -8,9 +8,11 @@
 //! - [`gateway`]: the configuration file as a whole ([`Config`]) and [`Gateway::start`], the one
 //!   place the runtime is assembled: backends, the hub, the listener.
 //! - [`server`]: the listener. Accepts connections, checks connection limits, serves `/ws`,
-//!   `/healthz`, `/readyz` and `/metrics`, tracks upgraded sockets and shuts down gracefully.
+//!   `/sse`, `/publish`, `/routes`, the embedded console, `/healthz`, `/readyz` and `/metrics`,
+//!   tracks upgraded sockets and streams, and shuts down gracefully.
 //! - [`edge`]: client edges. The WebSocket session ([`edge::ws`]) with its two client protocols,
-//!   [`edge::json`] and [`edge::protobuf`].
+//!   [`edge::json`] and [`edge::protobuf`]; Server-Sent Events ([`edge::sse`]) and HTTP publish
+//!   ([`edge::http_publish`]).
 //! - [`fanout`]: the core. One upstream subscription per distinct topic filter, shared by every
 //!   socket on it; each broker message encoded once per edge [`fanout::Encoding`] and the frame
 //!   shared; each client's bounded [`fanout::Outbox`] with its slow-consumer policy.
