@@ -465,14 +465,16 @@ allow = ["subscribe", "publish"]
         const sub = c.subscribe(channel);
         const received = [];
         const text = (m) => (m.payload instanceof Uint8Array ? new TextDecoder().decode(m.payload) : String(m.payload));
-        sub.on("message", (m) => received.push({ seq: text(m), ...m.position }));
+        sub.on("message", (m) => received.push({ seq: text(m), key: m.key, ...m.position }));
         await within(sub.ready, 10000, "subscribe ok");
 
         for (let i = 0; i < 6; i++) {
-          const ack = await c.publish(channel, `m${i}`, { partition: i % 2 });
+          const ack = await c.publish(channel, `m${i}`, { partition: i % 2, key: `k${i}` });
           assert.equal(ack.position?.partition, i % 2, "the ack carries the position");
         }
         await waitFor(() => received.length === 6, { timeout: 10000, what: "six messages before the restart" });
+        const last = (partition) => Math.max(...received.filter((m) => m.partition === partition).map((m) => m.offset));
+        assert.deepEqual(sub.positions, { 0: last(0), 1: last(1) });
 
         await gateway.kill("SIGKILL");
         await waitFor(() => c.state !== "connected", { what: "the client to notice" });
@@ -491,6 +493,18 @@ allow = ["subscribe", "publish"]
         for (const partition of [0, 1]) {
           const offsets = received.filter((m) => m.partition === partition).map((m) => m.offset);
           assert.deepEqual(offsets, [...offsets].sort((a, b) => a - b), `partition ${partition} in order`);
+        }
+        assert.equal(received.find((m) => m.seq === "m3").key, "k3");
+
+        // A second client replaying the topic from the start sees the same messages.
+        const replay = client(gateway.url, { protocol });
+        try {
+          const all = replay.subscribe(channel, { from: "earliest" });
+          const replayed = recordMessages(all);
+          await waitFor(() => replayed.length === expected.length, { timeout: 10000, what: "the replay" });
+          assert.deepEqual(replayed.map(text).sort(), [...expected].sort());
+        } finally {
+          await replay.close();
         }
       } finally {
         await c.close();
