@@ -439,7 +439,10 @@ describe("kafka", () => {
   for (const protocol of ["json", "protobuf"]) {
     test(`resumes across a gateway restart with nothing lost or duplicated (${protocol})`, async (t) => {
       if (!(await kafkaAvailable())) {
-        t.skip("no Kafka broker on 127.0.0.1:9092 (scripts/setup/40-kafka.sh starts one)");
+        const why = "no Kafka broker on 127.0.0.1:9092 (scripts/setup/40-kafka.sh starts one)";
+        // CI sets the broker up, so there a missing broker is a failure, not a reason to skip.
+        if (process.env.CI) assert.fail(why);
+        t.skip(why);
         return;
       }
       const name = `js-resume-${protocol}-${uid()}`;
