@@ -131,6 +131,9 @@ export class Client extends Emitter {
         this.#connectTimeout = positive(options.connectTimeout, 10_000, "connectTimeout");
         this.#requestTimeout = positive(options.requestTimeout, 15_000, "requestTimeout");
         this.#offlinePublish = options.offlinePublish ?? "queue";
+        if (this.#offlinePublish !== "queue" && this.#offlinePublish !== "fail") {
+            throw new TypeError(`offlinePublish must be "queue" or "fail", got ${String(options.offlinePublish)}`);
+        }
         this.#queueTimeout = positive(options.publishQueueTimeout, 10_000, "publishQueueTimeout");
         this.#refreshMargin = positive(options.tokenRefreshMargin, 30_000, "tokenRefreshMargin");
         this.#pingInterval = positive(options.pingInterval, 25_000, "pingInterval");
