@@ -517,7 +517,17 @@ allow = ["subscribe", "publish"]
   }
 });
 
-describe("codec units", () => {
+describe("units", () => {
+  test("the constructor refuses what cannot work", () => {
+    assert.throws(() => new Client("ftp://127.0.0.1/ws", { WebSocket }), TypeError);
+    assert.throws(() => new Client("ws://127.0.0.1/ws", { WebSocket, protocol: "xml" }), TypeError);
+    assert.throws(() => new Client("ws://127.0.0.1/ws", { WebSocket, minReconnectDelay: -1 }), TypeError);
+    if (globalThis.WebSocket === undefined) {
+      assert.throws(() => new Client("ws://127.0.0.1/ws"), /no WebSocket implementation/);
+    }
+  });
+
+
   test("varints of int32, int64 and uint64 survive a round trip, negatives included", () => {
     const values = [0, 1, 127, 128, 300, 2 ** 31 - 1, 2 ** 32, 2 ** 53 - 1, -1, -(2 ** 31)];
     const w = new ProtoWriter();
