@@ -292,6 +292,34 @@ describe("reconnect", () => {
   });
 });
 
+describe("unresponsive gateway", () => {
+  test("a gateway that stops answering is noticed by ping; the client reconnects once it answers again", async () => {
+    const gateway = await Gateway.start({ config: MEMORY_ROUTES });
+    const c = client(gateway.url, { pingInterval: 100, requestTimeout: 300, connectTimeout: 300 });
+    try {
+      const base = `rw/${uid()}`;
+      const sub = c.subscribe(`${base}/#`);
+      const messages = recordMessages(sub);
+      await within(sub.ready, 5000, "subscribe ok");
+      const states = recordStates(c);
+      await gateway.pause();
+      await nextEvent(c, "state", { filter: (s) => s === "disconnected", timeout: 5000 });
+      // Still paused: attempts time out (connectTimeout) and are retried.
+      await waitFor(() => states.filter((s) => s === "connecting").length >= 2, { what: "a second attempt" });
+      assert.ok(!states.includes("connected"));
+
+      const resubscribed = nextEvent(sub, "subscribed", { timeout: 10000 });
+      gateway.resume();
+      await resubscribed;
+      await c.publish(`${base}/x`, "awake");
+      await waitFor(() => messages.length === 1, { what: "a message after the pause" });
+    } finally {
+      await c.close();
+      await gateway.stop();
+    }
+  });
+});
+
 describe("shutdown", () => {
   test("a gateway stopping with SIGTERM: shutting_down status, then the client follows it to its restart", async () => {
     const gateway = await Gateway.start({ config: MEMORY_ROUTES });
