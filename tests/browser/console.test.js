@@ -1,6 +1,6 @@
 // The console page served by the gateway at /console/, driven in headless Chromium: subscribing
-// and publishing on the embedded default (memory backend) and through Mosquitto. Screenshots go
-// to target/browser/.
+// and publishing on the embedded default (memory backend), through Mosquitto, on Kafka, and with
+// a token. Screenshots go to target/browser/.
 import assert from "node:assert/strict";
 import { createHmac, randomBytes } from "node:crypto";
 import { join } from "node:path";
@@ -8,7 +8,9 @@ import { test } from "node:test";
 import {
   TEST_TIMEOUT,
   CONSOLE_FROM_DISK,
+  KAFKA_BROKERS,
   OUT_DIR,
+  createTopic,
   follow,
   launchBrowser,
   newPage,
@@ -241,6 +243,55 @@ qos = 1
   assert.equal(await forbidden.getAttribute("data-code"), "forbidden");
 
   await page.screenshot({ path: join(OUT_DIR, "console-mqtt.png") });
+});
+
+test("the console on Kafka: keys, positions and a replay from the earliest offset", { timeout: TEST_TIMEOUT }, async (t) => {
+  const topic = unique("console-kafka");
+  await createTopic(t, topic, 1);
+  const gateway = await startGateway(t, {
+    name: "console-kafka",
+    config: `
+[backends.events]
+type = "kafka"
+brokers = "${KAFKA_BROKERS}"
+delivery_timeout = "5s"
+
+[[routes]]
+channel = "events/{name}"
+backend = "events"
+topic = "{name}"
+allow = ["subscribe", "publish"]
+`,
+  });
+  const browser = await launchBrowser(t);
+  const page = await openConsole(t, browser, gateway);
+
+  // Written before anyone subscribes; acknowledged with the offset the broker gave it.
+  const first = await publish(page, { channel: `events/${topic}`, payload: '{"order": 1}', key: "o-1" });
+  assert.equal(await first.getAttribute("data-result"), "ok", await first.innerText());
+  assert.equal(await first.getAttribute("data-position"), "partition 0, offset 0");
+
+  await subscribe(page, `events/${topic}`, "earliest");
+  const replayed = messageOn(page, `events/${topic}`);
+  await replayed.waitFor();
+  assert.deepEqual(JSON.parse(await replayed.getByTestId("payload").innerText()), { order: 1 });
+  const head = await replayed.innerText();
+  assert.match(head, /key\s+o-1/);
+  assert.match(head, /position\s+partition 0, offset 0/);
+
+  const second = await publish(page, {
+    channel: `events/${topic}`,
+    payload: '{"order": 2}',
+    key: "o-2",
+    headers: "source: console",
+  });
+  assert.equal(await second.getAttribute("data-position"), "partition 0, offset 1");
+  await messageOn(page, `events/${topic}`).nth(1).waitFor();
+  const newest = messageOn(page, `events/${topic}`).first();
+  assert.match(await newest.innerText(), /position\s+partition 0, offset 1/);
+  assert.match(await newest.innerText(), /source=console/);
+
+  await page.screenshot({ path: join(OUT_DIR, "console-kafka.png") });
 });
 
 /** An HS256 JWT, as an identity provider would issue it. */
