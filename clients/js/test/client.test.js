@@ -196,14 +196,14 @@ describe("memory backend", () => {
   test("a publish gets timeout when a paused gateway does not answer, and close() settles everything", async () => {
     const own = await Gateway.start({ config: MEMORY_ROUTES });
     try {
-      const c = client(own.url, { requestTimeout: 300 });
+      const c = client(own.url, { requestTimeout: 60000 });
       const base = `rw/${uid()}`;
       const sub = c.subscribe(`${base}/a`);
       await within(sub.ready, 5000, "subscribe ok");
 
       await own.pause();
-      const timedOut = c.publish(`${base}/a`, 1);
-      const inFlight = c.publish(`${base}/a`, 2, { timeout: 60000 });
+      const timedOut = c.publish(`${base}/a`, 1, { timeout: 300 });
+      const inFlight = c.publish(`${base}/a`, 2);
       const pendingSub = c.subscribe(`${base}/b`);
       const leaving = c.subscribe(`${base}/c`);
       const unsubscribed = leaving.unsubscribe();
