@@ -178,7 +178,10 @@ function connect() {
   const previous = client;
   const keep = [...subscriptions.entries()].map(([pattern, s]) => [pattern, s.from]);
   if (previous) {
+    // The new connection (perhaps with another token) takes over the subscriptions.
     for (const s of subscriptions.values()) detach(s);
+    subscriptions.clear();
+    ui.subscriptions.replaceChildren();
     previous.close();
   }
   const token = ui.token.value.trim();

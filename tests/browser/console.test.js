@@ -147,6 +147,14 @@ test("the console subscribes and publishes through the embedded default", { time
   assert.equal(await again.getAttribute("data-result"), "ok", await again.innerText());
   await messageOn(page, `${base}/oslo/temp`).waitFor();
 
+  // Reconnecting by hand (as after changing the token) keeps the subscriptions.
+  await page.getByTestId("connect").click();
+  await page.locator('[data-testid="event-info"][data-code="connected"]').nth(2).waitFor();
+  await page.locator(`[data-testid="subscription"][data-pattern="${base}/#"][data-state="active"]`).waitFor();
+  assert.equal(await page.getByTestId("subscription").count(), 1);
+  await publish(page, { channel: `${base}/rome/temp`, payload: "4" });
+  await messageOn(page, `${base}/rome/temp`).waitFor();
+
   // The list keeps the newest 500 messages however many arrive.
   const before = Number(await page.getByTestId("message-count").innerText());
   const burst = 520;
