@@ -176,7 +176,8 @@ function setState(state) {
 
 function connect() {
   const previous = client;
-  const keep = [...subscriptions.entries()].map(([pattern, s]) => [pattern, s.from]);
+  // On logs, a subscription carried over continues after the last message it showed.
+  const keep = [...subscriptions.entries()].map(([pattern, s]) => [pattern, continueFrom(s)]);
   if (previous) {
     // The new connection (perhaps with another token) takes over the subscriptions.
     for (const s of subscriptions.values()) detach(s);
@@ -213,6 +214,12 @@ function connect() {
   });
   setState("connecting");
   for (const [pattern, from] of keep) subscribe(pattern, from);
+}
+
+function continueFrom(s) {
+  const positions = Object.entries(s.sub?.positions ?? {});
+  if (positions.length === 0) return s.from;
+  return { offsets: Object.fromEntries(positions.map(([partition, offset]) => [partition, offset + 1])) };
 }
 
 function disconnect() {
@@ -306,10 +313,9 @@ function fromOption() {
     case "earliest":
       return "earliest";
     case "timestamp": {
-      const ms = ui.subFromTime.valueAsNumber;
-      if (Number.isNaN(ms)) return undefined;
-      // datetime-local values are local wall-clock times; valueAsNumber reads them as UTC.
-      return { timestamp: ms + new Date(ms).getTimezoneOffset() * 60_000 };
+      // A date-time without a zone, as datetime-local gives it, is read as local time.
+      const ms = new Date(ui.subFromTime.value).getTime();
+      return Number.isNaN(ms) ? null : { timestamp: ms };
     }
     default:
       return "latest";
@@ -580,7 +586,12 @@ ui.subscribeForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const pattern = ui.subPattern.value.trim();
   if (!pattern) return;
-  subscribe(pattern, fromOption());
+  const from = fromOption();
+  if (from === null) {
+    logEvent("error", "invalid_time", "choose the time to start from");
+    return;
+  }
+  subscribe(pattern, from);
 });
 ui.publishForm.addEventListener("submit", (event) => {
   event.preventDefault();

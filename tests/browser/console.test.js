@@ -253,7 +253,7 @@ qos = 1
   await page.screenshot({ path: join(OUT_DIR, "console-mqtt.png") });
 });
 
-test("the console on Kafka: keys, positions and a replay from the earliest offset", { timeout: TEST_TIMEOUT }, async (t) => {
+test("the console on Kafka: keys, positions, replays from the earliest offset and from a time", { timeout: TEST_TIMEOUT }, async (t) => {
   const topic = unique("console-kafka");
   await createTopic(t, topic, 1);
   const gateway = await startGateway(t, {
@@ -300,6 +300,32 @@ allow = ["subscribe", "publish"]
   assert.match(await newest.innerText(), /source=console/);
 
   await page.screenshot({ path: join(OUT_DIR, "console-kafka.png") });
+
+  // Reconnecting by hand continues after the last message shown: nothing twice.
+  await page.getByTestId("connect").click();
+  await page.locator('[data-testid="event-info"][data-code="connected"]').nth(1).waitFor();
+  await page.locator(`[data-testid="subscription"][data-pattern="events/${topic}"][data-state="active"]`).waitFor();
+  await publish(page, { channel: `events/${topic}`, payload: '{"order": 3}' });
+  await messageOn(page, `events/${topic}`).nth(2).waitFor();
+  assert.deepEqual(
+    await messageOn(page, `events/${topic}`).getByTestId("payload").evaluateAll((items) =>
+      items.map((i) => JSON.parse(i.textContent).order),
+    ),
+    [3, 2, 1],
+  );
+
+  // A subscription from a point in time replays what was written since.
+  await page.locator(`[data-testid="subscription"][data-pattern="events/${topic}"]`).getByTestId("unsubscribe").click();
+  await page.getByTestId("clear").click();
+  await page.getByTestId("sub-from").selectOption("timestamp");
+  await page.evaluate(() => {
+    const start = new Date(Date.now() - 10 * 60_000);
+    const local = new Date(start.getTime() - start.getTimezoneOffset() * 60_000);
+    document.querySelector('[data-testid="sub-from-time"]').value = local.toISOString().slice(0, 19);
+  });
+  await subscribe(page, `events/${topic}`);
+  await messageOn(page, `events/${topic}`).nth(2).waitFor();
+  assert.equal(await page.getByTestId("message").count(), 3);
 });
 
 /** An HS256 JWT, as an identity provider would issue it. */
