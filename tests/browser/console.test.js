@@ -4,9 +4,8 @@
 import assert from "node:assert/strict";
 import { createHmac, randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { test } from "node:test";
 import {
-  TEST_TIMEOUT,
+  browserTest,
   CONSOLE_FROM_DISK,
   KAFKA_BROKERS,
   OUT_DIR,
@@ -21,10 +20,7 @@ import {
 
 /** Opens the console (through `GET /`, which points a browser to it) and waits until connected. */
 async function openConsole(t, browser, gateway) {
-  const page = await newPage(browser);
-  t.after(() => {
-    if (page.logs.length) t.diagnostic(`page said:\n${page.logs.join("\n")}`);
-  });
+  const page = await newPage(t, browser);
   await page.goto(`${gateway.origin}/`);
   assert.equal(new URL(page.url()).pathname, "/console/", "GET / leads the browser to the console");
   // Routed requests do not cover the redirect's target; load the page from disk too.
@@ -61,7 +57,7 @@ function messageOn(page, channel) {
   return page.locator(`[data-testid="message"][data-channel="${channel}"]`);
 }
 
-test("the console subscribes and publishes through the embedded default", { timeout: TEST_TIMEOUT }, async (t) => {
+browserTest("the console subscribes and publishes through the embedded default", async (t) => {
   const gateway = await startGateway(t, { name: "console-memory" });
   const browser = await launchBrowser(t);
   const page = await openConsole(t, browser, gateway);
@@ -178,7 +174,7 @@ test("the console subscribes and publishes through the embedded default", { time
   assert.equal(await page.getByTestId("message").count(), 500);
 });
 
-test("the console through Mosquitto: devices reach the page, the page reaches devices", { timeout: TEST_TIMEOUT }, async (t) => {
+browserTest("the console through Mosquitto: devices reach the page, the page reaches devices", async (t) => {
   const site = unique("site");
   const gateway = await startGateway(t, {
     name: "console-mqtt",
@@ -253,7 +249,7 @@ qos = 1
   await page.screenshot({ path: join(OUT_DIR, "console-mqtt.png") });
 });
 
-test("the console on Kafka: keys, positions, replays from the earliest offset and from a time", { timeout: TEST_TIMEOUT }, async (t) => {
+browserTest("the console on Kafka: keys, positions, replays from the earliest offset and from a time", async (t) => {
   const topic = unique("console-kafka");
   await createTopic(t, topic, 1);
   const gateway = await startGateway(t, {
@@ -335,7 +331,7 @@ function hs256(secret, claims) {
   return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
 }
 
-test("the console with a token: refused without one, scoped to its subject with one", { timeout: TEST_TIMEOUT }, async (t) => {
+browserTest("the console with a token: refused without one, scoped to its subject with one", async (t) => {
   const secret = randomBytes(32).toString("hex");
   const gateway = await startGateway(t, {
     name: "console-token",
@@ -362,10 +358,7 @@ publish_if = "'operator' in claims.roles"
 `,
   });
   const browser = await launchBrowser(t);
-  const page = await newPage(browser);
-  t.after(() => {
-    if (page.logs.length) t.diagnostic(`page said:\n${page.logs.join("\n")}`);
-  });
+  const page = await newPage(t, browser);
   await page.goto(`${gateway.origin}/console/`);
   if (CONSOLE_FROM_DISK) await page.reload();
 

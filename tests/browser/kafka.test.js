@@ -3,9 +3,8 @@
 // it delivered) and through EventSource on /sse (which resumes with Last-Event-ID). Each test
 // writes numbered messages to a fresh topic and expects exactly 1..N, in order, on the page.
 import assert from "node:assert/strict";
-import { test } from "node:test";
 import {
-  TEST_TIMEOUT,
+  browserTest,
   createTopic,
   kafkaProducer,
   KAFKA_BROKERS,
@@ -110,7 +109,7 @@ async function streamAcrossRestart(t, { gateway, page, topic }) {
   return { beforeRestart, TOTAL };
 }
 
-test("a page using the client keeps a Kafka stream across a gateway restart", { timeout: TEST_TIMEOUT }, async (t) => {
+browserTest("a page using the client keeps a Kafka stream across a gateway restart", async (t) => {
   const topic = unique("browser-client");
   await createTopic(t, topic, 1);
   let gatewayOrigin = "";
@@ -122,10 +121,7 @@ test("a page using the client keeps a Kafka stream across a gateway restart", { 
   });
   gatewayOrigin = gateway.origin;
   const browser = await launchBrowser(t);
-  const page = await newPage(browser);
-  t.after(() => {
-    if (page.logs.length) t.diagnostic(`page said:\n${page.logs.join("\n")}`);
-  });
+  const page = await newPage(t, browser);
   await page.goto(`${pages.origin}/`);
   await page.waitForFunction(() => window.loaded === true);
   await page.evaluate(([url, channel]) => window.start(url, channel), [gateway.wsUrl, `stream/${topic}`]);
@@ -148,7 +144,7 @@ test("a page using the client keeps a Kafka stream across a gateway restart", { 
   assert.ok(!problems.some((p) => p.startsWith("status gap")), problems.join("\n"));
 });
 
-test("a page using EventSource resumes a Kafka stream with Last-Event-ID", { timeout: TEST_TIMEOUT }, async (t) => {
+browserTest("a page using EventSource resumes a Kafka stream with Last-Event-ID", async (t) => {
   const topic = unique("browser-sse");
   await createTopic(t, topic, 1);
   const gateway = await startGateway(t, {
@@ -156,10 +152,7 @@ test("a page using EventSource resumes a Kafka stream with Last-Event-ID", { tim
     config: kafkaConfig("sse/{name}", "{name}"),
   });
   const browser = await launchBrowser(t);
-  const page = await newPage(browser);
-  t.after(() => {
-    if (page.logs.length) t.diagnostic(`page said:\n${page.logs.join("\n")}`);
-  });
+  const page = await newPage(t, browser);
   // A document on the gateway's own origin: the gateway sends no CORS headers, without which a
   // browser does not let a page on another origin read an event stream.
   await page.goto(`${gateway.origin}/healthz`);

@@ -10,6 +10,7 @@ import { createServer as createTcpServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { test } from "node:test";
 import { chromium } from "playwright-core";
 
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -176,11 +177,13 @@ export async function launchBrowser(t) {
   return browser;
 }
 
+const pagesOfTest = new WeakMap();
+
 /**
- * A new page that records its console output and uncaught errors, so a failing test can show
- * what the page said.
+ * A new page that records its console output and uncaught errors; a failing `browserTest` shows
+ * them beside its error.
  */
-export async function newPage(browser, { viewport = { width: 1280, height: 860 } } = {}) {
+export async function newPage(t, browser, { viewport = { width: 1280, height: 860 } } = {}) {
   const context = await browser.newContext({ viewport });
   if (CONSOLE_FROM_DISK) await serveConsoleFromDisk(context);
   const page = await context.newPage();
@@ -192,7 +195,23 @@ export async function newPage(browser, { viewport = { width: 1280, height: 860 }
     }
   });
   page.on("pageerror", (error) => page.logs.push(`[pageerror] ${error.message}`));
+  if (!pagesOfTest.has(t)) pagesOfTest.set(t, []);
+  pagesOfTest.get(t).push(page);
   return page;
+}
+
+/** A test with the suite's time limit that, when it fails, reports what its pages said. */
+export function browserTest(name, fn) {
+  return test(name, { timeout: TEST_TIMEOUT }, async (t) => {
+    try {
+      await fn(t);
+    } catch (error) {
+      for (const page of pagesOfTest.get(t) ?? []) {
+        if (page.logs.length) t.diagnostic(`${page.url()} said:\n${page.logs.join("\n")}`);
+      }
+      throw error;
+    }
+  });
 }
 
 /**
