@@ -43,7 +43,7 @@ const ui = {
   clearEvents: $("clear-events"),
 };
 
-/** The gateway that served this page: its WebSocket endpoint and its HTTP routes listing. */
+/** The WebSocket endpoint of the gateway that served this page. */
 const wsUrl = (() => {
   const url = new URL("/ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
@@ -553,7 +553,7 @@ async function publish() {
   const took = () => `${Math.round(performance.now() - started)} ms`;
   try {
     const ack = await client.publish(request.channel, request.payload, request.options);
-    const position = positionText(ack?.position ?? (ack && "offset" in ack ? ack : undefined));
+    const position = positionText(ack?.position);
     item.dataset.result = "ok";
     outcome.textContent = "ok";
     detail.textContent = [position, took()].filter(Boolean).join(" · ");
