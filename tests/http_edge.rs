@@ -412,6 +412,55 @@ async fn a_stream_whose_client_left_releases_its_subscriptions() {
 }
 
 #[tokio::test]
+async fn a_slow_reader_gets_the_newest_messages_and_a_count_of_the_dropped_ones() {
+    let gw = start(&memory_config(
+        "queue_capacity = 16",
+        "publish_per_second = 0\npublish_bytes_per_second = 0",
+    ))
+    .await;
+    let addr = gw.local_addr();
+    let channel = format!("site/{}/flood", unique("s"));
+    let mut sse = Sse::ok(addr, &format!("channel={}", urlencode(&channel)), &[]).await;
+    // 1000 messages of 64 KiB while the stream is not read: more than the socket buffers and the
+    // stream's queue of 16 hold.
+    let total = 1000;
+    let mut publisher = Client::connect(addr).await;
+    common::flood(&mut publisher, &channel, total, 64 * 1024).await;
+
+    let (mut received, mut dropped, mut last) = (0, 0, None);
+    while last != Some(total - 1) {
+        let event = sse.next_any().await;
+        if event.comment.is_some() {
+            continue;
+        }
+        let data = event.json();
+        match event.kind.as_str() {
+            "message" => {
+                let seq = data["payload"]["seq"].as_u64().unwrap();
+                assert!(
+                    last.is_none_or(|l| l < seq),
+                    "in order: {seq} after {last:?}"
+                );
+                last = Some(seq);
+                received += 1;
+            }
+            "status" => {
+                assert_eq!(data["code"], "messages_dropped", "{data}");
+                dropped += data["count"].as_u64().unwrap();
+            }
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    assert!(dropped > 0, "the stream's queue overflowed");
+    assert_eq!(
+        received + dropped,
+        total,
+        "every message was delivered or counted"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_stream_that_is_not_read_is_cut_off_at_the_write_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = start(&memory_config(
