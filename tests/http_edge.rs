@@ -966,6 +966,43 @@ async fn a_broker_that_does_not_answer_gives_504_and_one_that_is_down_503() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn sse_streams_hear_when_their_broker_goes_and_comes_back() {
+    let mut broker = PrivateBroker::start("").await;
+    let prefix = unique("wsbh");
+    let gw = start(&mqtt_config(&broker.url(), &prefix, "")).await;
+    ready(&gw).await;
+    let addr = gw.local_addr();
+    let mut sse = Sse::ok(addr, "channel=sensors/berlin/%23", &[]).await;
+
+    broker.kill().await;
+    let down = sse.next_of("status").await.json();
+    assert_eq!(down["code"], "backend_down", "{down}");
+    assert_eq!(down["backend"], "plant");
+    assert_eq!(down["subscriptions"], json!(["sensors/berlin/#"]));
+    broker.run().await;
+    let up = sse.next_of("status").await.json();
+    assert_eq!(up["code"], "backend_up", "{up}");
+
+    // The stream's subscription is back: a device's message arrives.
+    mqtt_support::mosquitto_pub(
+        broker.port,
+        &[
+            "-q",
+            "1",
+            "-t",
+            &format!("{prefix}/plant/berlin/temp"),
+            "-m",
+            "7",
+        ],
+    )
+    .await;
+    let message = sse.next_of("message").await.json();
+    assert_eq!(message["channel"], "sensors/berlin/temp");
+    assert_eq!(message["payload"], 7);
+    gw.shutdown().await;
+}
+
 /// The partition and offset of an SSE message event's data.
 fn position(event: &Event) -> (i64, i64) {
     let m = event.json();
