@@ -17,6 +17,9 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 COPY schemas schemas
 COPY config config
+# The console page and the JavaScript client it imports are embedded in the binary.
+COPY console console
+COPY clients/js/dist clients/js/dist
 RUN cargo build --release --locked --bin wsbridge \
  && strip target/release/wsbridge
 

@@ -117,3 +117,38 @@ fn the_image_runs_as_a_non_root_user_and_checks_healthz() {
         .expect("a HEALTHCHECK");
     assert!(healthcheck.contains("/healthz"), "{healthcheck}");
 }
+
+#[test]
+fn the_image_build_has_every_folder_the_binary_embeds() {
+    // build.rs names what the compiled binary reads from the source tree (the client protocol's
+    // schema, the console page, the JavaScript client's build); the image's build stage must
+    // copy each of them or `docker build` fails to compile.
+    let build_rs = std::fs::read_to_string(root().join("build.rs")).expect("build.rs");
+    let embedded: Vec<&str> = build_rs
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("println!(\"cargo:rerun-if-changed="))
+        .filter_map(|l| l.strip_suffix("\");"))
+        .collect();
+    assert!(
+        embedded.contains(&"console") && embedded.contains(&"clients/js/dist"),
+        "build.rs watches the embedded folders: {embedded:?}"
+    );
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    for path in embedded {
+        assert!(
+            copied
+                .iter()
+                .any(|c| path == *c || path.starts_with(&format!("{c}/"))),
+            "the Dockerfile's build stage copies {path}: {copied:?}"
+        );
+    }
+}
