@@ -166,6 +166,10 @@ async fn refused_handshakes_get_401_with_a_short_reason() {
 
     let mut expired = claims("alice");
     expired["exp"] = json!(now() - 60);
+    // `exp` is the first second the token is no longer good: refused at the upgrade rather than
+    // accepted and closed with 4001 a moment later.
+    let mut expiring_now = claims("alice");
+    expiring_now["exp"] = json!(now());
     let mut not_yet = claims("alice");
     not_yet["nbf"] = json!(now() + 3600);
     let mut wrong_issuer = claims("alice");
@@ -199,6 +203,11 @@ async fn refused_handshakes_get_401_with_a_short_reason() {
     let cases: Vec<(&str, Option<String>, &str)> = vec![
         ("missing token", None, "missing token"),
         ("expired", Some(hs256(&expired)), "token expired"),
+        (
+            "expiring this second",
+            Some(hs256(&expiring_now)),
+            "token expired",
+        ),
         (
             "not yet valid",
             Some(hs256(&not_yet)),

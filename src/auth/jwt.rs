@@ -229,6 +229,21 @@ pub struct Verified {
     pub expires_at: Option<u64>,
 }
 
+impl Verified {
+    /// How long until the token stops verifying (`exp` plus `leeway`), to the millisecond;
+    /// `None` for a token without expiry. Verification refuses a token with no time left, so a
+    /// connection it opens always has some.
+    pub fn remaining(&self, leeway: std::time::Duration) -> Option<std::time::Duration> {
+        let exp = self.expires_at?;
+        let deadline = std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp) + leeway;
+        Some(
+            deadline
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+}
+
 #[derive(Clone)]
 struct Key {
     kid: Option<String>,
@@ -402,6 +417,14 @@ impl JwtVerifier {
             _ => return Err(TokenError::MissingClaim(self.subject_claim.clone())),
         };
         let expires_at = claims.get("exp").and_then(serde_json::Value::as_u64);
+        // `exp` is the time on or after which the token must not be accepted (RFC 7519 4.1.4);
+        // the library still accepts a token during its `exp` second, which a session would then
+        // close at once with 4001. Refuse it here so the upgrade and the expiry agree.
+        if let Some(exp) = expires_at
+            && exp.saturating_add(self.validation.leeway) <= unix_now_secs()
+        {
+            return Err(TokenError::Expired);
+        }
         Ok(Verified {
             principal: Principal {
                 subject: Some(subject),
@@ -410,6 +433,12 @@ impl JwtVerifier {
             expires_at,
         })
     }
+}
+
+fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether the token's header is JSON with a string `alg` (that could not be used).

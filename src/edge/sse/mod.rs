@@ -213,13 +213,9 @@ pub async fn open(
             }
         }
     }
-    let expiry = verified.expires_at.and_then(|exp| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_secs();
-        Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)) + cx.auth.leeway())
-    });
+    let expiry = verified
+        .remaining(cx.auth.leeway())
+        .map(|left| Instant::now() + left);
     Ok(SseStream {
         id,
         outbox,

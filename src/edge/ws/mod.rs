@@ -109,7 +109,7 @@ where
     let mut session = Session {
         id,
         protocol,
-        expiry: expiry_instant(verified.expires_at, &cx),
+        expiry: expiry_instant(&verified, &cx),
         principal: verified.principal,
         outbox: outbox.clone(),
         subscriptions: Subscriptions::new(cx.hub.clone()),
@@ -212,15 +212,10 @@ pub(crate) fn drain_delay(id: u64, window: Duration) -> Duration {
 }
 
 /// The instant a token with `exp` (seconds since the epoch) stops being accepted.
-fn expiry_instant(expires_at: Option<u64>, cx: &SessionContext) -> Option<Instant> {
-    let exp = expires_at?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs();
-    let leeway = cx.auth_leeway();
-    let remaining = Duration::from_secs(exp.saturating_sub(now)) + leeway;
-    Some(Instant::now() + remaining)
+fn expiry_instant(verified: &Verified, cx: &SessionContext) -> Option<Instant> {
+    verified
+        .remaining(cx.auth_leeway())
+        .map(|left| Instant::now() + left)
 }
 
 impl SessionContext {
@@ -474,7 +469,7 @@ impl Session {
                 "the new token is for another subject; reconnect to change identity".into(),
             ));
         }
-        self.expiry = expiry_instant(verified.expires_at, &self.cx);
+        self.expiry = expiry_instant(&verified, &self.cx);
         self.principal = verified.principal;
         let revoked: Vec<String> = self
             .subscriptions
