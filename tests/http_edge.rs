@@ -721,6 +721,65 @@ async fn routes_list_what_each_token_may_use() {
 }
 
 #[tokio::test]
+async fn a_page_on_an_allowed_origin_can_read_routes_and_their_refusal() {
+    let config = format!(
+        "{}\n[server]\nallowed_origins = [\"http://app.example\"]\n",
+        jwt_config()
+    );
+    let gw = start(&config).await;
+    let addr = gw.local_addr();
+    let origin = ("origin", "http://app.example");
+
+    // What a browser asks before sending `Authorization` across origins.
+    let preflight = tokio::time::timeout(
+        WAIT,
+        http()
+            .request(reqwest::Method::OPTIONS, format!("http://{addr}/routes"))
+            .header(origin.0, origin.1)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send(),
+    )
+    .await
+    .expect("answers in time")
+    .expect("request");
+    assert_eq!(preflight.status().as_u16(), 204);
+    let allowed = preflight.headers();
+    assert_eq!(allowed["access-control-allow-origin"], "http://app.example");
+    assert_eq!(allowed["access-control-allow-headers"], "authorization");
+    assert!(
+        !allowed.contains_key("access-control-allow-credentials"),
+        "cookies never cross origins"
+    );
+
+    // A refused token is readable by the page, so its client can stop instead of retrying.
+    let (status, headers, body) =
+        get(addr, "/routes", &[origin, ("authorization", "Bearer x")]).await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["access-control-allow-origin"], "http://app.example");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["code"], "invalid_token");
+    let bearer = format!("Bearer {}", token(json!({"sub": "alice"})));
+    let (status, headers, _) = get(addr, "/routes", &[origin, ("authorization", &bearer)]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-origin"], "http://app.example");
+
+    // Another origin gets neither the preflight nor a readable answer.
+    let evil = ("origin", "http://evil.example");
+    let (status, headers, _) = get(addr, "/routes", &[evil, ("authorization", &bearer)]).await;
+    assert_eq!(status, 403);
+    assert!(!headers.contains_key("access-control-allow-origin"));
+    let preflight = http()
+        .request(reqwest::Method::OPTIONS, format!("http://{addr}/routes"))
+        .header(evil.0, evil.1)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(preflight.status().as_u16(), 403);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn sse_and_publish_authenticate_and_authorise_like_websockets() {
     let gw = start(&jwt_config()).await;
     let addr = gw.local_addr();

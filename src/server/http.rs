@@ -67,7 +67,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/ws", get(upgrade))
         .route("/sse", get(server_sent_events))
         .route("/publish", post(publish))
-        .route("/routes", get(routes))
+        .route("/routes", get(routes).options(routes_preflight))
         .route("/", get(root))
         .route("/console", get(console_redirect))
         .route("/console/", get(console_page))
@@ -283,6 +283,43 @@ async fn publish(
     }
 }
 
+/// Lets a page on another allowed origin read `/routes` (its answer, and above all its 401,
+/// which is how a client tells a refused token from a gateway that is down). Only a bearer
+/// token works across origins: without `Access-Control-Allow-Credentials` the browser sends no
+/// cookie, so another site cannot read what a visitor's cookie may use.
+fn allow_cross_origin(state: &AppState, headers: &HeaderMap, peer: &Peer, response: &mut Response) {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return;
+    };
+    if origin_allowed(state, headers, peer) {
+        let response_headers = response.headers_mut();
+        response_headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        response_headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    }
+}
+
+/// `OPTIONS /routes`: the CORS preflight of a cross-origin `GET /routes` with a bearer token.
+async fn routes_preflight(
+    State(state): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.contains_key(header::ORIGIN) && !origin_allowed(&state, &headers, &peer) {
+        return refuse("forbidden", "origin not allowed");
+    }
+    let mut response = (
+        StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_METHODS, "GET"),
+            (header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization"),
+            (header::ACCESS_CONTROL_MAX_AGE, "600"),
+        ],
+    )
+        .into_response();
+    allow_cross_origin(&state, &headers, &peer, &mut response);
+    response
+}
+
 /// `GET /routes`: the routes this token may use, and for what.
 async fn routes(
     State(state): State<AppState>,
@@ -290,7 +327,13 @@ async fn routes(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let verified = match admit_json(&state, &peer, &headers, &uri) {
+    let mut response = usable_routes(&state, &peer, &headers, &uri);
+    allow_cross_origin(&state, &headers, &peer, &mut response);
+    response
+}
+
+fn usable_routes(state: &AppState, peer: &Peer, headers: &HeaderMap, uri: &Uri) -> Response {
+    let verified = match admit_json(state, peer, headers, uri) {
         Ok(v) => v,
         Err(e) => return json_error(&e),
     };
