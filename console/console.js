@@ -179,7 +179,9 @@ function connect() {
   // On logs, a subscription carried over continues after the last message it showed.
   const keep = [...subscriptions.entries()].map(([pattern, s]) => [pattern, continueFrom(s)]);
   if (previous) {
-    // The new connection (perhaps with another token) takes over the subscriptions.
+    // The new connection (perhaps with another token) takes over the subscriptions; the old
+    // client's last events are of no interest any more.
+    client = null;
     for (const s of subscriptions.values()) detach(s);
     subscriptions.clear();
     ui.subscriptions.replaceChildren();

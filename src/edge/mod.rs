@@ -11,6 +11,7 @@
 //! JSON `publish` frame). They answer refusals with an HTTP status chosen by [`http_status`] from
 //! the same error codes. docs/PROTOCOL.md documents the protocols side by side.
 
+pub mod connections;
 pub mod http_publish;
 pub mod json;
 pub mod protobuf;

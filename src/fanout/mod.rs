@@ -132,6 +132,27 @@ impl SubscriptionHandle {
     }
 }
 
+/// One upstream subscription as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamInfo {
+    /// The backend's name.
+    pub backend: String,
+    /// The topic filter (or queue, or Kafka topic) subscribed at the broker.
+    pub topic: String,
+    /// The Kafka key the route filters on, if any.
+    pub key: Option<String>,
+    /// The route's channel template.
+    pub channel: String,
+    /// Client subscriptions sharing it.
+    pub subscribers: usize,
+    /// A replay with its own start position (never shared).
+    pub replay: bool,
+    /// Broker messages received on it.
+    pub messages_in: u64,
+    /// Message frames queued from it to clients.
+    pub messages_out: u64,
+}
+
 /// A routed, authorised and transformed publish, ready for its backend.
 pub struct PreparedPublish {
     backend: usize,
@@ -531,6 +552,33 @@ impl Hub {
             .iter()
             .map(|b| (b.name.clone(), b.backend.upstream_count()))
             .collect()
+    }
+
+    /// Every upstream subscription, by backend and topic.
+    pub fn upstreams(&self) -> Vec<UpstreamInfo> {
+        let upstreams: Vec<Arc<Upstream>> = self.table().values().cloned().collect();
+        let routes = self.router.routes();
+        let mut all: Vec<UpstreamInfo> = upstreams
+            .iter()
+            .map(|u| {
+                let (messages_in, messages_out) = u.fanout.message_counts();
+                UpstreamInfo {
+                    backend: self.backends[u.key.backend].name.clone(),
+                    topic: u.key.filter.clone(),
+                    key: u.key.key.clone(),
+                    channel: routes
+                        .get(u.key.route)
+                        .map(|r| r.channel.as_str().to_owned())
+                        .unwrap_or_default(),
+                    subscribers: u.fanout.member_count(),
+                    replay: u.key.private != 0,
+                    messages_in,
+                    messages_out,
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.backend, &a.topic, &a.key).cmp(&(&b.backend, &b.topic, &b.key)));
+        all
     }
 
     /// Sessions subscribed per upstream (for tests and introspection).

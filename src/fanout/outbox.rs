@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -64,6 +65,10 @@ struct State {
     /// Where a pending reply goes: only what is queued before it may be drained.
     hold: Option<usize>,
     dropped: u64,
+    /// Messages dropped over the connection's life.
+    dropped_total: u64,
+    /// When the earliest message queued since the last drain was received from its broker.
+    oldest: Option<Instant>,
     close: Option<CloseRequest>,
 }
 
@@ -85,6 +90,9 @@ pub struct Drained {
     pub items: Vec<OutItem>,
     /// Messages dropped since the previous drain.
     pub dropped: u64,
+    /// When the earliest message taken was received from its broker (`None` without messages):
+    /// the writer measures the batch's delivery latency from it.
+    pub oldest: Option<Instant>,
     pub close: Option<CloseRequest>,
 }
 
@@ -121,6 +129,17 @@ impl Outbox {
         policy: SlowConsumerPolicy,
         live: &AtomicBool,
     ) -> Pushed {
+        self.push_received(frame, policy, live, Instant::now())
+    }
+
+    /// [`Outbox::push_message`] for a message received from its broker at `received`.
+    pub fn push_received(
+        &self,
+        frame: Frame,
+        policy: SlowConsumerPolicy,
+        live: &AtomicBool,
+        received: Instant,
+    ) -> Pushed {
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
@@ -148,6 +167,7 @@ impl Outbox {
                         }
                         state.messages -= 1;
                         state.dropped += 1;
+                        state.dropped_total += 1;
                     }
                     outcome = Pushed::DroppedOldest;
                 }
@@ -163,6 +183,7 @@ impl Outbox {
             }
         }
         state.bytes += frame.len();
+        state.oldest = Some(state.oldest.map_or(received, |t| t.min(received)));
         state.queue.push_back(OutItem::Message(frame));
         state.messages += 1;
         let wake = state.queue.len() == 1 && state.hold.is_none();
@@ -248,6 +269,13 @@ impl Outbox {
         self.ready.notify_one();
     }
 
+    /// Messages queued now, and messages dropped by the slow-consumer policy over the
+    /// connection's life (for introspection; takes the queue's lock once).
+    pub fn counts(&self) -> (usize, u64) {
+        let state = self.lock();
+        (state.messages, state.dropped_total)
+    }
+
     pub fn is_closing(&self) -> bool {
         self.lock().close.is_some()
     }
@@ -285,6 +313,12 @@ impl Outbox {
             }
         }
         drained.dropped = std::mem::take(&mut state.dropped);
+        // Messages left behind a hold keep the stamp (an upper bound for their latency).
+        drained.oldest = if state.messages == 0 {
+            state.oldest.take()
+        } else {
+            state.oldest
+        };
         drained.close = state.close.clone();
         drop(state);
         self.space.notify_one();

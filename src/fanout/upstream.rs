@@ -15,7 +15,8 @@
 //! the unsubscribe's reply.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::time::Instant;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use super::encoding::{Delivery, Encoding, Frame, same_encoding};
@@ -191,6 +192,10 @@ pub struct Fanout {
     groups: Mutex<Groups>,
     metrics: BackendMetrics,
     global: Arc<Metrics>,
+    /// Broker messages received on this upstream subscription.
+    messages_in: AtomicU64,
+    /// Message frames queued to its subscribers.
+    messages_out: AtomicU64,
 }
 
 impl Fanout {
@@ -199,7 +204,17 @@ impl Fanout {
             groups: Mutex::new(Arc::new(Vec::new())),
             metrics,
             global,
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
         }
+    }
+
+    /// Broker messages received here, and message frames queued to subscribers, so far.
+    pub fn message_counts(&self) -> (u64, u64) {
+        (
+            self.messages_in.load(Ordering::Relaxed),
+            self.messages_out.load(Ordering::Relaxed),
+        )
     }
 
     fn groups(&self) -> MutexGuard<'_, Groups> {
@@ -294,6 +309,7 @@ impl Fanout {
         pattern: &ChannelPattern,
         members: &[Member],
         message: &BrokerMessage,
+        received: Instant,
     ) -> bool {
         let Some(channel) = route.channel_for(&message.topic, message.key.as_deref()) else {
             return false;
@@ -310,6 +326,7 @@ impl Fanout {
         // group and only when a member's encoding wants it; frames once per encoding.
         let mut view: Option<Result<PayloadView, DecodeError>> = None;
         let mut encoded = FrameCache::default();
+        let mut queued = 0;
         for member in members {
             let frame = match encoded.get(member.encoding) {
                 Some(frame) => frame,
@@ -336,18 +353,24 @@ impl Fanout {
                 }
                 continue;
             };
-            match member
-                .outbox
-                .push_message(frame, route.slow_consumer, &member.live)
-            {
-                Pushed::Queued => self.metrics.deliveries.inc(),
+            match member.outbox.push_received(
+                frame,
+                route.slow_consumer,
+                &member.live,
+                received,
+            ) {
+                Pushed::Queued => queued += 1,
                 Pushed::DroppedOldest => {
-                    self.metrics.deliveries.inc();
+                    queued += 1;
                     self.metrics.dropped.inc();
                 }
                 Pushed::Disconnected => self.global.slow_consumer_disconnects.inc(),
                 Pushed::Closed | Pushed::Unsubscribed => {}
             }
+        }
+        if queued > 0 {
+            self.metrics.deliveries.inc_by(queued);
+            self.messages_out.fetch_add(queued, Ordering::Relaxed);
         }
         if let Some(Err(e)) = &view {
             self.metrics.decode_errors.inc();
@@ -364,10 +387,11 @@ impl Fanout {
         pattern: &ChannelPattern,
         members: impl FnOnce() -> MemberList<'a>,
         message: &BrokerMessage,
+        received: Instant,
     ) -> bool {
         match crate::contain::call(|| {
             let members = members();
-            self.deliver_to(route, pattern, members.as_slice(), message)
+            self.deliver_to(route, pattern, members.as_slice(), message, received)
         }) {
             Ok(mapped) => mapped,
             Err(panic) => {
@@ -417,7 +441,10 @@ impl MemberList<'_> {
 
 impl MessageSink for Fanout {
     fn deliver(&self, message: BrokerMessage) {
+        // When the adapter handed the message over: the start of its delivery latency.
+        let received = Instant::now();
         self.metrics.broker_messages.inc();
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
         let groups = self.snapshot();
         let mut mapped = false;
         for group in groups.iter() {
@@ -426,6 +453,7 @@ impl MessageSink for Fanout {
                 &group.pattern,
                 || MemberList::Group(group.walk()),
                 &message,
+                received,
             );
             group.settle();
         }
@@ -507,6 +535,7 @@ impl MessageSink for MemberSink {
             &self.pattern,
             || MemberList::One(&self.member),
             &message,
+            Instant::now(),
         );
     }
 

@@ -23,13 +23,16 @@ use crate::config::{ConfigError, ConfigProblem, RouteConfig, deserialize_section
 use crate::limits::LimitsConfig;
 use crate::routing::{BackendTarget, Router};
 use crate::server::ServerConfig;
+use crate::server::admin::AdminConfig;
 use crate::transform::Schemas;
 
 /// The commented default configuration printed by `wsbridge print-config`; it is exactly what
 /// `wsbridge run` uses without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 
-const TOP_LEVEL_KEYS: &[&str] = &["server", "backends", "routes", "auth", "limits", "schemas"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "server", "admin", "backends", "routes", "auth", "limits", "schemas",
+];
 
 /// A validated configuration.
 ///
@@ -38,6 +41,8 @@ const TOP_LEVEL_KEYS: &[&str] = &["server", "backends", "routes", "auth", "limit
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The `[admin]` table: the admin API's listener and token.
+    pub admin: AdminConfig,
     pub limits: LimitsConfig,
     auth: AuthConfig,
     /// Named backends, ordered by name.
@@ -114,6 +119,8 @@ impl Config {
         // First pass: each section on its own, validated by its owner.
         let server = section::<ServerConfig>(table.remove("server"), "server", &mut problems)
             .inspect(|s| s.validate(&mut problems));
+        let admin = section::<AdminConfig>(table.remove("admin"), "admin", &mut problems)
+            .inspect(|a| a.validate(&mut problems));
         let auth = section::<AuthConfig>(table.remove("auth"), "auth", &mut problems);
         let authenticator = auth
             .as_ref()
@@ -146,12 +153,13 @@ impl Config {
         let policy = Policy::compile(indexed(), &router, &mut problems);
         report_interpolation_once(&mut problems);
 
-        match (server, auth, authenticator, limits) {
-            (Some(server), Some(auth), Some(authenticator), Some(limits))
+        match (server, admin, auth, authenticator, limits) {
+            (Some(server), Some(admin), Some(auth), Some(authenticator), Some(limits))
                 if problems.is_empty() && all_routes_parsed =>
             {
                 Ok(Config {
                     server,
+                    admin,
                     limits,
                     auth,
                     backends,

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Config, DEFAULT_CONFIG};
 
 use crate::backends::{BackendError, BuildContext};
+use crate::edge::connections::Connections;
 use crate::edge::ws::SessionContext;
 use crate::fanout::{BackendHandle, Hub, HubSettings};
 use crate::limits::ConnectionLimits;
@@ -39,6 +40,7 @@ pub enum StartError {
 /// A started gateway.
 pub struct Gateway {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     hub: Arc<Hub>,
     task: JoinHandle<()>,
@@ -103,7 +105,32 @@ impl Gateway {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
 
+        let connections = Arc::new(Connections::new());
+        let admin = match (config.admin.listen, &config.admin.token) {
+            (Some(addr), Some(token)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                Some((listener, bound, token.clone()))
+            }
+            _ => None,
+        };
+
         let shutdown = CancellationToken::new();
+        let admin_addr = admin.map(|(listener, bound, token)| {
+            tokio::spawn(crate::server::admin::serve(
+                listener,
+                token,
+                connections.clone(),
+                hub.clone(),
+                shutdown.clone(),
+            ));
+            tracing::info!(admin = %bound, "admin API listening");
+            bound
+        });
         tokio::spawn(hub.clone().watch_health(shutdown.clone()));
         let authenticator = compiled.authenticator;
         authenticator.spawn_jwks_refresh(shutdown.clone());
@@ -119,6 +146,7 @@ impl Gateway {
             limits: Arc::new(config.limits.clone()),
             auth: authenticator,
             shutdown: shutdown.clone(),
+            connections,
         };
         let limits = Arc::new(ConnectionLimits::new(&config.limits));
         let scheme = if tls.is_some() { "wss" } else { "ws" };
@@ -132,6 +160,7 @@ impl Gateway {
         tracing::info!(%local_addr, "wsbridge listening; WebSocket endpoint at {scheme}://{local_addr}/ws");
         Ok(Gateway {
             local_addr,
+            admin_addr,
             shutdown,
             hub,
             task,
@@ -141,6 +170,11 @@ impl Gateway {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's bound address, when `admin.listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn hub(&self) -> &Arc<Hub> {

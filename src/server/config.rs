@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Serve the built-in console page at `/console/` (and redirect `/` to it).
     pub console: bool,
+    /// Serve `GET /metrics` on this listener; `false` leaves it to the admin listener.
+    pub public_metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
             allowed_origins: None,
             tls: None,
             console: true,
+            public_metrics: true,
         }
     }
 }

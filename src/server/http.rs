@@ -166,7 +166,7 @@ async fn server_sent_events(
     };
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let subject = verified.principal.display_name().to_owned();
-    let stream = match sse::open(request, id, verified, &state.cx).await {
+    let stream = match sse::open(request, id, peer.addr, verified, &state.cx).await {
         Ok(stream) => stream,
         Err(e) => {
             tracing::debug!(peer = %peer.addr, code = e.code, message = %e.message, "SSE stream refused");
@@ -491,7 +491,7 @@ async fn upgrade(
             async move {
                 tracing::debug!("connected");
                 if let Err(panic) =
-                    crate::contain::future(ws::run(socket, id, protocol, verified, cx)).await
+                    crate::contain::future(ws::run(socket, id, peer.addr, protocol, verified, cx)).await
                 {
                     metrics.panics("session").inc();
                     tracing::error!(%panic, "panic in a session; its connection was dropped");
@@ -524,6 +524,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    if !state.server.public_metrics {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.cx.hub.metrics().render(),

@@ -7,6 +7,7 @@
 //! client, wait up to `server.shutdown_grace`, close the backends. It owns the `[server]` table
 //! ([`ServerConfig`]) and TLS ([`tls`]).
 
+pub mod admin;
 pub mod config;
 pub mod console;
 mod http;

@@ -123,7 +123,6 @@ browserTest("the console subscribes and publishes through the embedded default",
   await page.getByTestId("publish").click();
   await page.getByTestId("pub-problem").waitFor();
 
-  await page.screenshot({ path: join(OUT_DIR, "console-memory.png") });
 
   // After unsubscribing, messages on the pattern no longer arrive.
   await page.locator(`[data-testid="subscription"][data-pattern="${base}/+/temp"]`).getByTestId("unsubscribe").click();
@@ -134,8 +133,12 @@ browserTest("the console subscribes and publishes through the embedded default",
   assert.equal(await paris.count(), 1, "one subscription left, so the message arrives once");
   assert.equal(await paris.getAttribute("data-subscription"), `${base}/#`);
 
-  // The gateway crashes and comes back: the page reconnects and renews the subscription.
-  await gateway.restart();
+  // The gateway is stopped and started again: the page shows the announcement, reconnects and
+  // renews the subscription.
+  await gateway.restart({ graceful: true });
+  const announced = page.locator('[data-testid="event-status"][data-code="shutting_down"]');
+  await announced.waitFor();
+  assert.equal(await announced.evaluate((e) => e.dataset.kind), "status");
   await page.locator('[data-testid="event-info"][data-code="disconnected"]').first().waitFor();
   await page.locator('[data-testid="state"][data-state="connected"]').waitFor();
   await page.locator(`[data-testid="subscription"][data-pattern="${base}/#"][data-state="active"]`).waitFor();
@@ -148,8 +151,11 @@ browserTest("the console subscribes and publishes through the embedded default",
   await page.locator('[data-testid="event-info"][data-code="connected"]').nth(2).waitFor();
   await page.locator(`[data-testid="subscription"][data-pattern="${base}/#"][data-state="active"]`).waitFor();
   assert.equal(await page.getByTestId("subscription").count(), 1);
+  assert.equal(await page.locator('[data-testid="state"]').getAttribute("data-state"), "connected");
+  assert.equal(await page.locator('[data-testid="event-info"][data-code="closed"]').count(), 0, "the old connection's end is not reported as the page's");
   await publish(page, { channel: `${base}/rome/temp`, payload: "4" });
   await messageOn(page, `${base}/rome/temp`).waitFor();
+  await page.screenshot({ path: join(OUT_DIR, "console-memory.png") });
 
   // The list keeps the newest 500 messages however many arrive.
   const before = Number(await page.getByTestId("message-count").innerText());

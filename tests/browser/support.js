@@ -145,8 +145,21 @@ export async function startGateway(t, { name, config = null, server = "" } = {})
         await child.exited;
       }
     },
-    async restart() {
-      await this.kill();
+    /** Stops it as an operator would (SIGTERM: clients hear `shutting_down`), and waits. */
+    async stop({ timeout = 20_000 } = {}) {
+      const child = this.process;
+      if (!child || child.exitCode !== null || child.signalCode !== null) return;
+      child.kill("SIGTERM");
+      const timer = setTimeout(() => child.kill("SIGKILL"), timeout);
+      const { code, signal } = await child.exited;
+      clearTimeout(timer);
+      if (signal === "SIGKILL") throw new Error(`the gateway did not stop within ${timeout} ms of SIGTERM`);
+      return code;
+    },
+    /** Kills it (`graceful`: stops it) and starts it again on the same port. */
+    async restart({ graceful = false } = {}) {
+      if (graceful) await this.stop();
+      else await this.kill();
       return this.start();
     },
   };

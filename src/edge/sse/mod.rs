@@ -12,6 +12,7 @@
 
 pub mod event;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::ProtocolError;
+use super::connections::{ConnectionKind, NewConnection};
 use super::ws::{SessionContext, Subscriptions, drain_delay};
 use crate::auth::Verified;
 use crate::backends::StartPosition;
@@ -137,6 +139,7 @@ pub struct SseStream {
 pub async fn open(
     request: SseRequest,
     id: u64,
+    remote_address: SocketAddr,
     verified: Verified,
     cx: &SessionContext,
 ) -> Result<SseStream, ProtocolError> {
@@ -182,7 +185,14 @@ pub async fn open(
     }
     let limiter = RequestLimiter::new(&cx.limits, cx.config.max_message_size);
     let outbox = Arc::new(Outbox::new(cx.config.queue_capacity, cx.config.queue_bytes));
-    let mut subscriptions = Subscriptions::new(cx.hub.clone());
+    let registration = cx.connections.register(NewConnection {
+        id,
+        remote_address,
+        subject: verified.principal.subject.clone(),
+        kind: ConnectionKind::Sse,
+        outbox: outbox.clone(),
+    });
+    let mut subscriptions = Subscriptions::new(cx.hub.clone(), registration);
     for (channel, start) in request.channels.iter().zip(starts) {
         let result = async {
             limiter

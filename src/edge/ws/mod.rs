@@ -10,6 +10,7 @@
 pub mod protocol;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, Principal, Verified};
+use crate::edge::connections::{ConnectionKind, Connections, NewConnection, Registration};
 use crate::edge::{PositionJson, ProtocolError, Reply, Request};
 use crate::fanout::outbox::{Drained, OutItem, Outbox};
 use crate::fanout::upstream::Member;
@@ -75,11 +77,19 @@ pub struct SessionContext {
     pub auth: Arc<Authenticator>,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// Every open connection, for the admin API.
+    pub connections: Arc<Connections>,
 }
 
-/// Runs one client connection to its end.
-pub async fn run<S>(socket: S, id: u64, protocol: Protocol, verified: Verified, cx: SessionContext)
-where
+/// Runs one client connection (from `remote_address`) to its end.
+pub async fn run<S>(
+    socket: S,
+    id: u64,
+    remote_address: SocketAddr,
+    protocol: Protocol,
+    verified: Verified,
+    cx: SessionContext,
+) where
     S: Stream<Item = Result<Message, axum::Error>>
         + Sink<Message, Error = axum::Error>
         + Send
@@ -106,13 +116,20 @@ where
         },
     ));
 
+    let registration = cx.connections.register(NewConnection {
+        id,
+        remote_address,
+        subject: verified.principal.subject.clone(),
+        kind: ConnectionKind::WebSocket(protocol),
+        outbox: outbox.clone(),
+    });
     let mut session = Session {
         id,
         protocol,
         expiry: expiry_instant(&verified, &cx),
         principal: verified.principal,
         outbox: outbox.clone(),
-        subscriptions: Subscriptions::new(cx.hub.clone()),
+        subscriptions: Subscriptions::new(cx.hub.clone(), registration),
         limiter: RequestLimiter::new(&cx.limits, cx.config.max_message_size),
         cx,
     };
@@ -129,25 +146,39 @@ where
     tracing::debug!(id, "session ended");
 }
 
-/// A connection's subscriptions by the channel it subscribed with. Whatever is still held when
-/// this is dropped (the session ended by a panic, or its task was dropped) is released in the
-/// background, so no upstream keeps a dead connection as a member.
+/// A connection's subscriptions by the channel it subscribed with, and its entry in the
+/// connection registry (listed there with these channels while this lives). Whatever is still
+/// held when this is dropped (the session ended by a panic, or its task was dropped) is released
+/// in the background, so no upstream keeps a dead connection as a member.
 pub(crate) struct Subscriptions {
     hub: Arc<Hub>,
     held: HashMap<String, SubscriptionHandle>,
+    registration: Registration,
 }
 
 impl Subscriptions {
-    pub(crate) fn new(hub: Arc<Hub>) -> Self {
+    pub(crate) fn new(hub: Arc<Hub>, registration: Registration) -> Self {
         Subscriptions {
             hub,
             held: HashMap::new(),
+            registration,
         }
+    }
+
+    pub(crate) fn insert(&mut self, channel: String, handle: SubscriptionHandle) {
+        self.registration.entry().subscribed(&channel);
+        self.held.insert(channel, handle);
+    }
+
+    pub(crate) fn remove(&mut self, channel: &str) -> Option<SubscriptionHandle> {
+        self.registration.entry().unsubscribed(channel);
+        self.held.remove(channel)
     }
 
     /// Releases every subscription now.
     pub(crate) async fn release(&mut self) {
-        for (_, handle) in self.held.drain() {
+        for (channel, handle) in self.held.drain() {
+            self.registration.entry().unsubscribed(&channel);
             self.hub.unsubscribe(handle).await;
         }
     }
@@ -158,12 +189,6 @@ impl std::ops::Deref for Subscriptions {
 
     fn deref(&self) -> &Self::Target {
         &self.held
-    }
-}
-
-impl std::ops::DerefMut for Subscriptions {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.held
     }
 }
 

@@ -29,6 +29,14 @@ impl Protocol {
         }
     }
 
+    /// The subprotocol's name.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Protocol::Json => JSON_SUBPROTOCOL,
+            Protocol::Protobuf => PROTOBUF_SUBPROTOCOL,
+        }
+    }
+
     /// How the core encodes what this connection receives.
     pub fn encoding(self) -> &'static dyn Encoding {
         match self {
