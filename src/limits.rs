@@ -1,7 +1,8 @@
 //! The `[limits]` table: connection caps at accept time and per-connection publish rates.
 //!
 //! Connection limits are checked before any HTTP is parsed: total open connections, open
-//! connections per client IP, and new connections per second per IP (a token bucket). A refused
+//! connections per client IP, and new connections per second per IP (a token bucket). (The
+//! server checks connections from trusted proxies once it knows the client they carry.) A refused
 //! connection gets a short HTTP 503 or 429 and is closed. Publish limits are token buckets per
 //! connection, in messages and bytes per second; a publish over the limit is answered with
 //! `rate_limited` and not sent. Subscribes and unsubscribes share a bucket of their own, also
@@ -96,21 +97,28 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The raw HTTP response sent before closing.
-    pub fn response(self) -> String {
-        let (status, body) = match self {
-            Refusal::Full => ("503 Service Unavailable", "too many connections\n"),
+    /// The HTTP status code and reason, and the text body of the refusal.
+    pub fn status_and_body(self) -> (u16, &'static str, &'static str) {
+        match self {
+            Refusal::Full => (503, "Service Unavailable", "too many connections\n"),
             Refusal::PerIp => (
-                "429 Too Many Requests",
+                429,
+                "Too Many Requests",
                 "too many connections from your address\n",
             ),
             Refusal::Rate => (
-                "429 Too Many Requests",
+                429,
+                "Too Many Requests",
                 "new connections from your address too fast\n",
             ),
-        };
+        }
+    }
+
+    /// The raw HTTP response sent before closing.
+    pub fn response(self) -> String {
+        let (code, reason, body) = self.status_and_body();
         format!(
-            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         )
     }

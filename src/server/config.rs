@@ -59,6 +59,13 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Serve the built-in console page at `/console/` (and redirect `/` to it).
     pub console: bool,
+    /// Peers whose connections come through a proxy or load balancer (CIDRs or single
+    /// addresses). For them the client address is the one the proxy reports; everyone else's
+    /// headers naming a client are ignored.
+    pub trusted_proxies: Vec<String>,
+    /// Trusted proxies send a PROXY protocol v1/v2 header (required from them); otherwise they
+    /// report the client in `Forwarded` / `X-Forwarded-For`.
+    pub proxy_protocol: bool,
     /// Serve `GET /metrics` on this listener; `false` leaves it to the admin listener.
     pub public_metrics: bool,
 }
@@ -82,6 +89,8 @@ impl Default for ServerConfig {
             allowed_origins: None,
             tls: None,
             console: true,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             public_metrics: true,
         }
     }
@@ -132,6 +141,22 @@ impl ServerConfig {
                     ),
                 ));
             }
+        }
+        for (i, entry) in self.trusted_proxies.iter().enumerate() {
+            if super::proxy::TrustedProxies::parse_entry(entry).is_none() {
+                problems.push(ConfigProblem::new(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!(
+                        "invalid CIDR {entry:?}; write an address block such as \"10.0.0.0/8\" or \"fd00::/8\", or one address"
+                    ),
+                ));
+            }
+        }
+        if self.proxy_protocol && self.trusted_proxies.is_empty() {
+            problems.push(ConfigProblem::new(
+                "server.proxy_protocol",
+                "true needs server.trusted_proxies: only the proxies listed there may send a PROXY header",
+            ));
         }
         if self.idle_timeout <= self.ping_interval {
             problems.push(ConfigProblem::new(

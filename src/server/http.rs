@@ -38,10 +38,15 @@ const READ_BUFFER_SIZE: usize = 4 * 1024;
 /// Bytes buffered before tungstenite writes to the socket; the writer flushes each batch anyway.
 const WRITE_BUFFER_SIZE: usize = 16 * 1024;
 
-/// The client's address and its connection slot, set per TCP connection.
+/// The client's address and its connection slot, set per TCP connection (per request on a
+/// connection from a trusted proxy that reports clients in headers).
 #[derive(Clone)]
 pub struct Peer {
+    /// The client's address: the TCP peer's, or the one a trusted proxy reports (port 0 when
+    /// the proxy gives none).
     pub addr: SocketAddr,
+    /// The TCP peer: the client itself, or the trusted proxy it came through.
+    pub tcp_peer: SocketAddr,
     /// Held by the HTTP connection and by the WebSocket session it upgrades to; the slot is
     /// released when both are gone.
     pub _permit: Arc<ConnectionPermit>,
@@ -489,9 +494,10 @@ async fn upgrade(
             let subject = verified.principal.display_name().to_owned();
             let span = tracing::debug_span!("session", id, peer = %peer.addr, %subject);
             async move {
-                tracing::debug!("connected");
+                tracing::debug!(tcp_peer = %peer.tcp_peer, "connected");
                 if let Err(panic) =
-                    crate::contain::future(ws::run(socket, id, peer.addr, protocol, verified, cx)).await
+                    crate::contain::future(ws::run(socket, id, peer.addr, protocol, verified, cx))
+                        .await
                 {
                     metrics.panics("session").inc();
                     tracing::error!(%panic, "panic in a session; its connection was dropped");

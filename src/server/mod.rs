@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod console;
 mod http;
+pub mod proxy;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -27,7 +28,16 @@ use tokio_util::task::TaskTracker;
 pub use config::ServerConfig;
 
 use crate::edge::ws::{SessionContext, SessionSettings};
-use crate::limits::{AddressPublishLimiter, ConnectionLimits, ConnectionPermit};
+use crate::limits::{AddressPublishLimiter, ConnectionLimits, ConnectionPermit, Refusal};
+use proxy::{ForwardedClients, TrustedProxies};
+
+/// Who a connection's client is, once the accept loop knows what it can.
+enum ClientSource {
+    /// The TCP peer or the PROXY protocol header named the client, admitted by the limits.
+    Known(SocketAddr, ConnectionPermit),
+    /// A trusted proxy that names each request's client in its headers.
+    Forwarded(Arc<TrustedProxies>, Arc<ConnectionLimits>),
+}
 
 impl ServerConfig {
     /// The settings each WebSocket session runs with.
@@ -68,6 +78,8 @@ pub async fn serve(
         )),
     };
     let app = http::app(state);
+    let proxies = Arc::new(TrustedProxies::new(&config.trusted_proxies));
+    let proxy_protocol = config.proxy_protocol;
     let mut accepted_count: u64 = 0;
     loop {
         let (mut stream, peer) = tokio::select! {
@@ -86,16 +98,19 @@ pub async fn serve(
         if accepted_count.is_multiple_of(1024) {
             limits.forget_idle();
         }
-        let permit = match limits.admit(peer.ip()) {
-            Ok(permit) => permit,
-            Err(refusal) => {
-                tracing::debug!(%peer, ?refusal, "connection refused by limits");
-                tracker.spawn(async move {
-                    let response = refusal.response();
-                    let write = stream.write_all(response.as_bytes());
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
-                });
-                continue;
+        let trusted = proxies.contains(peer.ip());
+        // A direct client is checked before anything is read; a proxied one once its proxy
+        // has named it.
+        let early_permit = if trusted {
+            None
+        } else {
+            match limits.admit(peer.ip()) {
+                Ok(permit) => Some(permit),
+                Err(refusal) => {
+                    tracing::debug!(%peer, ?refusal, "connection refused by limits");
+                    tracker.spawn(refuse(stream, refusal));
+                    continue;
+                }
             }
         };
         let _ = stream.set_nodelay(true);
@@ -103,14 +118,49 @@ pub async fn serve(
         let cx = cx.clone();
         let tls = tls.clone();
         let timeout = config.handshake_timeout;
+        let limits = limits.clone();
+        let proxies = proxies.clone();
         tracker.spawn(async move {
+            let mut client = peer;
+            if proxy_protocol && trusted {
+                match tokio::time::timeout(timeout, proxy::read_proxy_header(&mut stream)).await {
+                    Ok(Ok(Some(named))) => client = named,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "refused: PROXY protocol header");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "refused: no PROXY protocol header within server.handshake_timeout");
+                        return;
+                    }
+                }
+            } else if proxy_protocol
+                && tokio::time::timeout(timeout, proxy::sends_proxy_header(&stream))
+                    .await
+                    .unwrap_or(false)
+            {
+                tracing::info!(%peer, "refused: PROXY protocol header from a peer not in server.trusted_proxies");
+                return;
+            }
+            let source = match early_permit {
+                Some(permit) => ClientSource::Known(client, permit),
+                None if proxy_protocol => match limits.admit(client.ip()) {
+                    Ok(permit) => ClientSource::Known(client, permit),
+                    Err(refusal) => {
+                        tracing::debug!(%client, %peer, ?refusal, "connection refused by limits");
+                        return refuse(stream, refusal).await;
+                    }
+                },
+                None => ClientSource::Forwarded(proxies, limits),
+            };
             match tls {
-                None => serve_connection(stream, peer, permit, app, cx, timeout).await,
+                None => serve_connection(stream, peer, source, app, cx, timeout).await,
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
                     match handshake {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, peer, permit, app, cx, timeout).await
+                            serve_connection(stream, peer, source, app, cx, timeout).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -132,11 +182,19 @@ pub async fn serve(
     tracing::info!("wsbridge stopped");
 }
 
-/// Serves HTTP on one connection; the permit lives as long as the connection or its WebSocket.
+/// Sends a refused connection its short HTTP answer, then closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, refusal: Refusal) {
+    let response = refusal.response();
+    let write = stream.write_all(response.as_bytes());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+}
+
+/// Serves HTTP on one connection; a permit lives as long as the connection (or, for a trusted
+/// proxy's, the request) or the WebSocket it upgrades to.
 async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
-    permit: ConnectionPermit,
+    source: ClientSource,
     app: axum::Router,
     cx: SessionContext,
     handshake_timeout: std::time::Duration,
@@ -144,12 +202,26 @@ async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let abort = CancellationToken::new();
-    let peer_info = http::Peer {
-        addr: peer,
-        _permit: Arc::new(permit),
-        abort: abort.clone(),
+    let app = match source {
+        ClientSource::Known(addr, permit) => app.layer(axum::Extension(http::Peer {
+            addr,
+            tcp_peer: peer,
+            _permit: Arc::new(permit),
+            abort: abort.clone(),
+        })),
+        ClientSource::Forwarded(proxies, limits) => {
+            let clients = ForwardedClients {
+                proxies,
+                limits,
+                tcp_peer: peer,
+                abort: abort.clone(),
+            };
+            app.layer(axum::middleware::from_fn(move |request, next| {
+                clients.clone().admit(request, next)
+            }))
+        }
     };
-    let service = TowerToHyperService::new(app.layer(axum::Extension(peer_info)));
+    let service = TowerToHyperService::new(app);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
