@@ -330,10 +330,15 @@ async fn delete_closes_a_websocket_with_4002_and_ends_an_sse_stream_with_a_statu
     assert_eq!(status, 200);
     let text = read_to_end(stream).await;
     assert!(
-        text.contains("event: status\ndata: {\"type\":\"status\",\"code\":\"closed_by_administrator\""),
+        text.contains(
+            "event: status\ndata: {\"type\":\"status\",\"code\":\"closed_by_administrator\""
+        ),
         "the stream ends with a status event: {text:?}"
     );
-    assert!(text.ends_with(": stream closed: closed by administrator\n\n"), "{text:?}");
+    assert!(
+        text.ends_with(": stream closed: closed by administrator\n\n"),
+        "{text:?}"
+    );
 
     eventually("closed connections leave the list", async || {
         connections(&gw).await.is_empty()
@@ -382,7 +387,10 @@ async fn channels_show_each_upstream_with_subscribers_and_message_counts() {
     assert_eq!(upstream["channel"], "#");
     assert_eq!(upstream["subscribers"], 2);
     assert_eq!(upstream["messages_in"], 3, "{upstream}");
-    assert_eq!(upstream["messages_out"], 6, "3 messages to 2 subscribers: {upstream}");
+    assert_eq!(
+        upstream["messages_out"], 6,
+        "3 messages to 2 subscribers: {upstream}"
+    );
     gw.shutdown().await;
 }
 

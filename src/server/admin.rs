@@ -178,43 +178,43 @@ async fn list_connections(State(state): State<AdminState>) -> Response {
     json_response(StatusCode::OK, json!({ "connections": connections }))
 }
 
-fn find(state: &AdminState, id: &str) -> Result<Arc<Connection>, Response> {
+/// The open connection `id` names, if any.
+fn find(state: &AdminState, id: &str) -> Option<Arc<Connection>> {
     id.parse::<u64>()
         .ok()
         .and_then(|id| state.connections.get(id))
-        .ok_or_else(|| {
-            error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no open connection with id {id:?}"),
-            )
-        })
+}
+
+fn unknown_connection(id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no open connection with id {id:?}"),
+    )
 }
 
 async fn show_connection(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match find(&state, &id) {
-        Ok(connection) => json_response(StatusCode::OK, connection_json(&connection)),
-        Err(response) => response,
+        Some(connection) => json_response(StatusCode::OK, connection_json(&connection)),
+        None => unknown_connection(&id),
     }
 }
 
 async fn close_connection(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    match find(&state, &id) {
-        Ok(connection) => {
-            tracing::info!(
-                id = connection.id,
-                subject = connection.subject.as_deref().unwrap_or("anonymous"),
-                peer = %connection.remote_address,
-                "connection closed by administrator"
-            );
-            connection.close_by_administrator();
-            json_response(
-                StatusCode::OK,
-                json!({ "closed": connection.id, "edge": connection.kind.edge() }),
-            )
-        }
-        Err(response) => response,
-    }
+    let Some(connection) = find(&state, &id) else {
+        return unknown_connection(&id);
+    };
+    tracing::info!(
+        id = connection.id,
+        subject = connection.subject.as_deref().unwrap_or("anonymous"),
+        peer = %connection.remote_address,
+        "connection closed by administrator"
+    );
+    connection.close_by_administrator();
+    json_response(
+        StatusCode::OK,
+        json!({ "closed": connection.id, "edge": connection.kind.edge() }),
+    )
 }
 
 async fn channels(State(state): State<AdminState>) -> Response {
@@ -262,7 +262,10 @@ mod tests {
         assert!(config("").is_empty());
         assert!(config("listen = \"127.0.0.1:9090\"\ntoken = \"0123456789abcdef\"").is_empty());
         let missing = config("listen = \"127.0.0.1:9090\"");
-        assert_eq!(missing[0].to_string().split(':').next(), Some("admin.token"));
+        assert_eq!(
+            missing[0].to_string().split(':').next(),
+            Some("admin.token")
+        );
         let short = config("listen = \"127.0.0.1:9090\"\ntoken = \"short\"");
         assert!(short[0].to_string().starts_with("admin.token"), "{short:?}");
     }
