@@ -153,8 +153,8 @@ browserTest("a page using EventSource resumes a Kafka stream with Last-Event-ID"
   });
   const browser = await launchBrowser(t);
   const page = await newPage(t, browser);
-  // A document on the gateway's own origin: the gateway sends no CORS headers, without which a
-  // browser does not let a page on another origin read an event stream.
+  // A document on the gateway's own origin: the gateway sends no CORS headers on /sse, without
+  // which a browser does not let a page on another origin read an event stream.
   await page.goto(`${gateway.origin}/healthz`);
   const url = `/sse?channel=${encodeURIComponent(`sse/${topic}`)}&from=earliest`;
   await page.evaluate(readEventStream, url);
