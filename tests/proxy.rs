@@ -133,14 +133,23 @@ async fn remote_addresses(gw: &Gateway) -> Vec<String> {
     addresses
 }
 
-/// Waits until the admin API lists exactly `expected` (in any order).
+/// Waits until the admin API lists exactly `expected` (in any order); `127.0.0.1:*` stands for
+/// the test's own TCP connections, whose ports vary.
 async fn expect_addresses(gw: &Gateway, expected: &[&str]) {
     let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
     expected.sort();
     let mut seen = Vec::new();
     let found = tokio::time::timeout(WAIT, async {
         loop {
-            seen = remote_addresses(gw).await;
+            seen = remote_addresses(gw)
+                .await
+                .into_iter()
+                .map(|a| match a.strip_prefix("127.0.0.1:") {
+                    Some(_) => "127.0.0.1:*".to_owned(),
+                    None => a,
+                })
+                .collect();
+            seen.sort();
             if seen == expected {
                 return;
             }
@@ -187,17 +196,18 @@ async fn forwarded_addresses_from_a_trusted_proxy_count_as_the_clients() {
     // The same forwarded address over a third TCP connection hits its cap...
     assert_per_ip_refusal(connect(addr, b"", &xff("203.0.113.1")).await);
     // ...while other forwarded addresses are counted on their own: the right-most entry that is
-    // not a trusted proxy, and an RFC 7239 `Forwarded` entry with an IPv6 address and port.
+    // not a trusted proxy, and an IPv6 address with a port.
     let other = connect(addr, b"", &xff("192.0.2.99, 198.51.100.2, 127.0.0.1"))
         .await
         .expect("another client");
-    let forwarded = connect(
-        addr,
-        b"",
-        &[("forwarded", "for=\"[2001:db8::5]:4711\";proto=http")],
-    )
-    .await
-    .expect("a Forwarded client");
+    let forwarded = connect(addr, b"", &xff("[2001:db8::5]:4711"))
+        .await
+        .expect("an IPv6 client");
+    // A `Forwarded` header is not what this proxy writes (server.forwarded_header): it is the
+    // client's own and names nobody; the proxy's address counts.
+    let forged = connect(addr, b"", &[("forwarded", "for=203.0.113.99")])
+        .await
+        .expect("a client without X-Forwarded-For");
     expect_addresses(
         &gw,
         &[
@@ -205,6 +215,7 @@ async fn forwarded_addresses_from_a_trusted_proxy_count_as_the_clients() {
             "203.0.113.1:0",
             "198.51.100.2:0",
             "[2001:db8::5]:4711",
+            "127.0.0.1:*",
         ],
     )
     .await;
@@ -215,7 +226,31 @@ async fn forwarded_addresses_from_a_trusted_proxy_count_as_the_clients() {
         connect(addr, b"", &xff("203.0.113.1")).await.is_ok()
     })
     .await;
-    drop((second, other, forwarded));
+    drop((second, other, forwarded, forged));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn rfc_7239_forwarded_headers_when_configured() {
+    let gw = start(&config(
+        "trusted_proxies = [\"127.0.0.1/32\"]\nforwarded_header = \"forwarded\"",
+        1,
+    ))
+    .await;
+    let addr = gw.local_addr();
+    let header = [(
+        "forwarded",
+        "for=192.0.2.60;proto=https, for=\"[2001:db8:cafe::17]:4711\";by=127.0.0.1",
+    )];
+    let _first = connect(addr, b"", &header)
+        .await
+        .expect("a Forwarded client");
+    assert_per_ip_refusal(connect(addr, b"", &header).await);
+    // X-Forwarded-For is now the client's own header, and not read.
+    let _other = connect(addr, b"", &xff("198.51.100.8"))
+        .await
+        .expect("a client with only X-Forwarded-For");
+    expect_addresses(&gw, &["127.0.0.1:*", "[2001:db8:cafe::17]:4711"]).await;
     gw.shutdown().await;
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::proxy::ForwardedHeader;
 use super::tls::TlsConfig;
 use crate::config::ConfigProblem;
 
@@ -63,6 +64,8 @@ pub struct ServerConfig {
     /// addresses). For them the client address is the one the proxy reports; everyone else's
     /// headers naming a client are ignored.
     pub trusted_proxies: Vec<String>,
+    /// The header trusted proxies name the client in: `x-forwarded-for` or `forwarded`.
+    pub forwarded_header: ForwardedHeader,
     /// Trusted proxies send a PROXY protocol v1/v2 header (required from them); otherwise they
     /// report the client in `Forwarded` / `X-Forwarded-For`.
     pub proxy_protocol: bool,
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             tls: None,
             console: true,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
             proxy_protocol: false,
             public_metrics: true,
         }

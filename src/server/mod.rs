@@ -78,7 +78,10 @@ pub async fn serve(
         )),
     };
     let app = http::app(state);
-    let proxies = Arc::new(TrustedProxies::new(&config.trusted_proxies));
+    let proxies = Arc::new(TrustedProxies::new(
+        &config.trusted_proxies,
+        config.forwarded_header,
+    ));
     let proxy_protocol = config.proxy_protocol;
     let mut accepted_count: u64 = 0;
     loop {

@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
+use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -35,10 +36,25 @@ const V2_FIXED_LENGTH: usize = 16;
 /// Longest v1 header, `\r\n` included (the specification's limit).
 const V1_MAX_LENGTH: usize = 107;
 
-/// The parsed `server.trusted_proxies`.
+/// The header a trusted proxy names the client in (`server.forwarded_header`). Only that one is
+/// read: a proxy that writes one of them passes the other on as the client sent it, forged or
+/// not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...` (nginx, HAProxy, most cloud load balancers).
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+/// The parsed `server.trusted_proxies`, and the header they name clients in.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
     nets: Vec<IpNet>,
+    header: ForwardedHeader,
 }
 
 impl TrustedProxies {
@@ -51,12 +67,13 @@ impl TrustedProxies {
     }
 
     /// The valid entries of `entries` (`ServerConfig::validate` reports the others).
-    pub fn new(entries: &[String]) -> Self {
+    pub fn new(entries: &[String], header: ForwardedHeader) -> Self {
         TrustedProxies {
             nets: entries
                 .iter()
                 .filter_map(|e| Self::parse_entry(e))
                 .collect(),
+            header,
         }
     }
 
@@ -71,30 +88,26 @@ impl TrustedProxies {
         self.nets.iter().any(|net| net.contains(&ip))
     }
 
-    /// The client a trusted proxy reports in the request's headers: `Forwarded` when the request
-    /// has one, else `X-Forwarded-For`. `None` when neither names a client the gateway can
-    /// believe (no header, or an obfuscated or unparsable entry where the client should be);
-    /// the connection's own peer is then the client.
+    /// The client a trusted proxy reports in the request's `X-Forwarded-For` or `Forwarded`
+    /// header (whichever `server.forwarded_header` names). `None` when it names no client the
+    /// gateway can believe (no header, or an obfuscated or unparsable entry where the client
+    /// should be); the connection's own peer is then the client.
     pub fn client_address(&self, headers: &HeaderMap) -> Option<SocketAddr> {
-        let forwarded: Vec<&str> = headers
-            .get_all("forwarded")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let hops: Vec<Option<SocketAddr>> = if !forwarded.is_empty() {
-            forwarded
-                .iter()
+        let lines = |name| {
+            headers
+                .get_all(name)
+                .into_iter()
+                .filter_map(|v| v.to_str().ok())
+        };
+        let hops: Vec<Option<SocketAddr>> = match self.header {
+            ForwardedHeader::Forwarded => lines("forwarded")
                 .flat_map(|line| split_unquoted(line, ','))
                 .map(forwarded_for)
-                .collect()
-        } else {
-            headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
+                .collect(),
+            ForwardedHeader::XForwardedFor => lines("x-forwarded-for")
                 .flat_map(|line| line.split(','))
                 .map(parse_node)
-                .collect()
+                .collect(),
         };
         let mut leftmost = None;
         for hop in hops.iter().rev() {
@@ -320,8 +333,13 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    fn proxies_reading(entries: &[&str], header: ForwardedHeader) -> TrustedProxies {
+        let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+        TrustedProxies::new(&entries, header)
+    }
+
     fn proxies(entries: &[&str]) -> TrustedProxies {
-        TrustedProxies::new(&entries.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        proxies_reading(entries, ForwardedHeader::XForwardedFor)
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -399,8 +417,8 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_is_preferred_and_parsed_per_rfc_7239() {
-        let p = proxies(&["10.0.0.0/8"]);
+    fn forwarded_is_parsed_per_rfc_7239_when_configured() {
+        let p = proxies_reading(&["10.0.0.0/8"], ForwardedHeader::Forwarded);
         let h = headers(&[
             (
                 "forwarded",
@@ -414,16 +432,29 @@ mod tests {
             "proto=http;For=\"192.0.2.60:8080\";by=10.0.0.9",
         )]);
         assert_eq!(p.client_address(&h), addr("192.0.2.60:8080"));
+        // The header the proxies do not write is the client's own, and not read.
+        let h = headers(&[("x-forwarded-for", "198.51.100.1")]);
+        assert_eq!(p.client_address(&h), None);
+        let h = headers(&[("forwarded", "for=198.51.100.1")]);
+        assert_eq!(proxies(&["10.0.0.0/8"]).client_address(&h), None);
     }
 
     #[test]
     fn obfuscated_unknown_and_garbage_name_no_client() {
-        let p = proxies(&["10.0.0.0/8"]);
+        let p = proxies_reading(&["10.0.0.0/8"], ForwardedHeader::Forwarded);
         for h in [
             headers(&[("forwarded", "for=_hidden, for=10.0.0.2")]),
             headers(&[("forwarded", "for=unknown")]),
             headers(&[("forwarded", "for=\"192.0.2.1:_port\"")]),
             headers(&[("forwarded", "proto=https")]),
+            headers(&[("forwarded", "for=\"[2001:db8::1\"")]),
+        ] {
+            assert_eq!(p.client_address(&h), None, "{h:?}");
+        }
+        let p = proxies(&["10.0.0.0/8"]);
+        for h in [
+            headers(&[("x-forwarded-for", "unknown")]),
+            headers(&[("x-forwarded-for", "_hidden")]),
             headers(&[("x-forwarded-for", "not an address")]),
             headers(&[("x-forwarded-for", "[2001:db8::1")]),
             headers(&[("x-forwarded-for", "")]),
