@@ -1,10 +1,21 @@
 //! Counters and gauges, served in the Prometheus text format at `GET /metrics`.
 //!
 //! Each gateway instance has its own registry (several gateways can run in one process, as the
-//! tests do). Labels are low-cardinality: the backend name and a result. Per-backend handles are
-//! resolved once, so the hot path only increments atomics.
+//! tests do). Labels are low-cardinality: the backend name, a result (an error code from a
+//! documented set) or a reason. Per-backend handles are resolved once, so the hot path only
+//! increments atomics; a connection's writer adds its frames, bytes and latency once per
+//! written batch. docs/OPERATIONS.md lists every metric.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Buckets of the delivery latency histogram, in seconds: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 /// The gateway's metrics.
 pub struct Metrics {
@@ -13,6 +24,18 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub write_timeouts: IntCounter,
+    /// Seconds from a broker message's receipt to the write of the batch carrying it, observed
+    /// once per written batch (for the oldest message in it).
+    pub delivery_latency: Histogram,
+    /// Messages queued for all connections, set when scraped.
+    pub queued_messages: IntGauge,
+    /// Frames written to clients (WebSocket messages, SSE events), added per batch.
+    pub frames_out: IntCounter,
+    /// Bytes of those frames, added per batch.
+    pub bytes_out: IntCounter,
+    upgrades_refused: IntCounterVec,
+    auth_failures: IntCounterVec,
+    backend_reconnects: IntCounterVec,
     broker_messages: IntCounterVec,
     deliveries: IntCounterVec,
     dropped: IntCounterVec,
@@ -22,6 +45,16 @@ pub struct Metrics {
     upstreams: IntGaugeVec,
     backend_up: IntGaugeVec,
     panics: IntCounterVec,
+}
+
+impl BackendMetrics {
+    /// Counts a failed publish under its error code (`backend_timeout`, `backend_unavailable`,
+    /// a broker refusal code ...: a documented, fixed set).
+    pub fn publish_failed(&self, code: &str) {
+        self.publishes
+            .with_label_values(&[self.backend.as_str(), code])
+            .inc();
+    }
 }
 
 /// Metric handles for one backend.
@@ -38,7 +71,11 @@ pub struct BackendMetrics {
     /// Broker messages that did not decode as their route's payload type.
     pub decode_errors: IntCounter,
     pub publishes_ok: IntCounter,
-    pub publishes_failed: IntCounter,
+    /// Failed publishes are counted by error code, resolved when one happens.
+    publishes: IntCounterVec,
+    backend: String,
+    /// Times the backend came back up after being down.
+    pub reconnects: IntCounter,
     /// Upstream subscriptions currently held.
     pub upstreams: IntGauge,
     /// 1 when the backend is connected.
@@ -87,13 +124,49 @@ impl Metrics {
             "Connections closed because their socket took no data within server.write_timeout",
         )
         .expect("valid");
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "wsbridge_delivery_latency_seconds",
+                "Seconds from a broker message's receipt to the write of the batch carrying it to a client, once per batch (its oldest message)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid");
+        let queued_messages = IntGauge::new(
+            "wsbridge_queued_messages",
+            "Messages waiting in the outgoing queues of all connections",
+        )
+        .expect("valid");
+        let frames_out = IntCounter::new(
+            "wsbridge_frames_out_total",
+            "Frames written to clients: WebSocket messages and SSE events, replies and statuses included",
+        )
+        .expect("valid");
+        let bytes_out = IntCounter::new(
+            "wsbridge_bytes_out_total",
+            "Bytes of the frames written to clients (payload bytes of WebSocket messages, SSE event bytes)",
+        )
+        .expect("valid");
         registry
-            .register(Box::new(connections.clone()))
+            .register(Box::new(delivery_latency.clone()))
+            .expect("registered once");
+        for m in [&connections, &queued_messages] {
+            registry
+                .register(Box::new(m.clone()))
+                .expect("registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("registered once");
         for m in [
             &connections_total,
             &slow_consumer_disconnects,
             &write_timeouts,
+            &frames_out,
+            &bytes_out,
         ] {
             registry
                 .register(Box::new(m.clone()))
@@ -155,11 +228,33 @@ impl Metrics {
                 "Panics caught at a task boundary, by component; each one is logged and the rest of the gateway carries on",
                 &["component"],
             ),
+            upgrades_refused: counter_vec(
+                &registry,
+                "wsbridge_upgrades_refused_total",
+                "WebSocket upgrades and SSE streams refused, by reason: origin, auth, subprotocol, limits (connections refused by [limits] before any HTTP), shutting_down",
+                &["reason"],
+            ),
+            auth_failures: counter_vec(
+                &registry,
+                "wsbridge_auth_failures_total",
+                "Tokens refused (at connect, on HTTP publish and /routes, and on in-band refresh), by reason",
+                &["reason"],
+            ),
+            backend_reconnects: counter_vec(
+                &registry,
+                "wsbridge_backend_reconnects_total",
+                "Times a backend came back up after losing its broker",
+                b,
+            ),
             registry,
             connections,
             connections_total,
             slow_consumer_disconnects,
             write_timeouts,
+            delivery_latency,
+            queued_messages,
+            frames_out,
+            bytes_out,
         }
     }
 
@@ -172,10 +267,28 @@ impl Metrics {
             unmapped: self.unmapped.with_label_values(&[name]),
             decode_errors: self.decode_errors.with_label_values(&[name]),
             publishes_ok: self.publishes.with_label_values(&[name, "ok"]),
-            publishes_failed: self.publishes.with_label_values(&[name, "error"]),
+            publishes: self.publishes.clone(),
+            backend: name.to_owned(),
+            reconnects: self.backend_reconnects.with_label_values(&[name]),
             upstreams: self.upstreams.with_label_values(&[name]),
             up: self.backend_up.with_label_values(&[name]),
         }
+    }
+
+    /// Counts a refused WebSocket upgrade or SSE stream: `reason` is one of `origin`, `auth`,
+    /// `subprotocol`, `limits`, `shutting_down`.
+    pub fn upgrade_refused(&self, reason: &'static str) {
+        self.upgrades_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// The counter of upgrades refused for `reason` (for a caller that counts many).
+    pub fn upgrades_refused(&self, reason: &'static str) -> IntCounter {
+        self.upgrades_refused.with_label_values(&[reason])
+    }
+
+    /// Counts a refused token; `reason` comes from a fixed set (`missing`, `expired`, ...).
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
     }
 
     /// The panic counter of one component (`session`, `writer`, `delivery`, `backend:<name>`).

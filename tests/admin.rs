@@ -416,3 +416,155 @@ async fn metrics_are_on_the_admin_listener_and_can_be_turned_off_on_the_public_p
     assert!(body.contains("wsbridge_connections "), "{body}");
     gw.shutdown().await;
 }
+
+/// A scrape of the admin listener's `/metrics`: each series (`name{labels}`) and its value.
+async fn scrape(gw: &Gateway) -> std::collections::BTreeMap<String, f64> {
+    let response = http()
+        .get(format!("http://{}/metrics", admin_addr(gw)))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("series value");
+            (series.to_owned(), value.parse::<f64>().expect("a number"))
+        })
+        .collect()
+}
+
+fn value(scrape: &std::collections::BTreeMap<String, f64>, series: &str) -> f64 {
+    *scrape
+        .get(series)
+        .unwrap_or_else(|| panic!("{series} in the scrape: {scrape:#?}"))
+}
+
+#[tokio::test]
+async fn a_scrape_shows_every_metric_with_plausible_values_after_traffic() {
+    let gw = start(&config(
+        "allowed_origins = [\"https://app.example\"]",
+        &jwt(),
+    ))
+    .await;
+    let addr = gw.local_addr();
+    let before = scrape(&gw).await;
+    let refused = |s: &std::collections::BTreeMap<String, f64>, reason: &str| {
+        s.get(&format!(
+            "wsbridge_upgrades_refused_total{{reason=\"{reason}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    let auth_failed = |s: &std::collections::BTreeMap<String, f64>, reason: &str| {
+        s.get(&format!(
+            "wsbridge_auth_failures_total{{reason=\"{reason}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+
+    // Refusals: another origin, a malformed token, an unknown subprotocol.
+    let good = format!("Bearer {}", token("carol"));
+    let refusal = Client::try_connect(addr, |r| {
+        r.headers_mut()
+            .insert("Origin", HeaderValue::from_static("https://evil.example"));
+        r.headers_mut()
+            .insert("Authorization", HeaderValue::from_str(&good).unwrap());
+    })
+    .await
+    .err();
+    assert_eq!(refusal.map(|r| r.0), Some(403));
+    let refusal = Client::try_connect(addr, |r| {
+        r.headers_mut().insert(
+            "Authorization",
+            HeaderValue::from_static("Bearer not-a-jwt"),
+        );
+    })
+    .await
+    .err();
+    assert_eq!(refusal.map(|r| r.0), Some(401));
+    let refusal = Client::try_connect(addr, |r| {
+        r.headers_mut()
+            .insert("Authorization", HeaderValue::from_str(&good).unwrap());
+        r.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    })
+    .await
+    .err();
+    assert_eq!(refusal.map(|r| r.0), Some(400));
+
+    // Traffic: 20 messages to 2 subscribers.
+    let channel = format!("metrics/{}", unique("m"));
+    let mut a = connect_as(addr, "a").await;
+    let mut b = connect_as(addr, "b").await;
+    a.subscribe(&channel).await;
+    b.subscribe(&channel).await;
+    let mut publisher = connect_as(addr, "p").await;
+    let total = 20;
+    for n in 0..total {
+        let reply = publisher.publish(&channel, json!({"n": n})).await;
+        assert_eq!(reply["type"], "ok", "{reply}");
+    }
+    for client in [&mut a, &mut b] {
+        for _ in 0..total {
+            client.next_message().await;
+        }
+    }
+
+    let after = scrape(&gw).await;
+    println!("scrape after traffic:");
+    for (series, v) in &after {
+        if series.starts_with("wsbridge_") || series.starts_with("process_") {
+            println!("  {series} {v}");
+        }
+    }
+    assert_eq!(refused(&after, "origin") - refused(&before, "origin"), 1.0);
+    assert_eq!(refused(&after, "auth") - refused(&before, "auth"), 1.0);
+    assert_eq!(
+        refused(&after, "subprotocol") - refused(&before, "subprotocol"),
+        1.0
+    );
+    assert_eq!(
+        auth_failed(&after, "malformed") - auth_failed(&before, "malformed"),
+        1.0
+    );
+    let delivered = 2.0 * total as f64;
+    let frames = value(&after, "wsbridge_frames_out_total");
+    assert!(
+        frames >= delivered,
+        "frames out ({frames}) count at least the {delivered} messages delivered"
+    );
+    assert!(value(&after, "wsbridge_bytes_out_total") > frames);
+    let batches = value(&after, "wsbridge_delivery_latency_seconds_count");
+    assert!(
+        batches > 0.0 && batches <= delivered,
+        "one latency observation per batch: {batches}"
+    );
+    let seconds = value(&after, "wsbridge_delivery_latency_seconds_sum");
+    assert!(
+        seconds > 0.0 && seconds / batches < 1.0,
+        "latency is short on loopback: {seconds} s over {batches} batches"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "wsbridge_publishes_total{backend=\"local\",result=\"ok\"}"
+        ),
+        total as f64
+    );
+    assert_eq!(value(&after, "wsbridge_queued_messages"), 0.0);
+    assert_eq!(
+        value(
+            &after,
+            "wsbridge_backend_reconnects_total{backend=\"local\"}"
+        ),
+        0.0
+    );
+    assert!(value(&after, "process_resident_memory_bytes") > 1e6);
+    assert!(value(&after, "process_open_fds") > 3.0);
+    assert!(value(&after, "process_cpu_seconds_total") >= 0.0);
+    gw.shutdown().await;
+}

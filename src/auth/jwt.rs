@@ -221,6 +221,24 @@ pub enum TokenError {
     UnknownKey,
 }
 
+impl TokenError {
+    /// A short, fixed name for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Missing => "missing",
+            TokenError::Malformed => "malformed",
+            TokenError::Algorithm => "algorithm",
+            TokenError::Signature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::Issuer => "issuer",
+            TokenError::Audience => "audience",
+            TokenError::MissingClaim(_) => "missing_claim",
+            TokenError::UnknownKey => "unknown_key",
+        }
+    }
+}
+
 /// A verified token.
 #[derive(Debug, Clone)]
 pub struct Verified {

@@ -464,7 +464,7 @@ impl Hub {
                 .unwrap_or(Err(BackendError::Timeout(self.request_timeout)));
         match &result {
             Ok(_) => slot.metrics.publishes_ok.inc(),
-            Err(_) => slot.metrics.publishes_failed.inc(),
+            Err(e) => slot.metrics.publish_failed(e.code()),
         }
         result.map_err(RequestError::from)
     }
@@ -488,6 +488,9 @@ impl Hub {
                     let now = health.borrow_and_update().clone();
                     if now.is_up() != was_up {
                         was_up = now.is_up();
+                        if was_up {
+                            hub.backends[index].metrics.reconnects.inc();
+                        }
                         hub.backends[index].metrics.up.set(was_up as i64);
                         hub.announce_health(index, &now);
                     }

@@ -16,8 +16,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
-use std::time::Instant;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::Instant;
 
 use super::encoding::{Delivery, Encoding, Frame, same_encoding};
 use super::outbox::{Outbox, Pushed};
@@ -353,12 +353,10 @@ impl Fanout {
                 }
                 continue;
             };
-            match member.outbox.push_received(
-                frame,
-                route.slow_consumer,
-                &member.live,
-                received,
-            ) {
+            match member
+                .outbox
+                .push_received(frame, route.slow_consumer, &member.live, received)
+            {
                 Pushed::Queued => queued += 1,
                 Pushed::DroppedOldest => {
                     queued += 1;

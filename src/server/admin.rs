@@ -241,9 +241,17 @@ async fn channels(State(state): State<AdminState>) -> Response {
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.hub.metrics().render(),
+        scrape(&state.hub, &state.connections),
     )
         .into_response()
+}
+
+/// The Prometheus text, with the gauges computed at scrape time brought up to date.
+pub(crate) fn scrape(hub: &Hub, connections: &Connections) -> String {
+    let metrics = hub.metrics();
+    let queued = i64::try_from(connections.queued_messages()).unwrap_or(i64::MAX);
+    metrics.queued_messages.set(queued);
+    metrics.render()
 }
 
 #[cfg(test)]

@@ -144,6 +144,7 @@ fn admit_json(
         return Err(refusal("forbidden", "origin not allowed".into()));
     }
     state.cx.auth.authenticate(headers, uri).map_err(|e| {
+        state.cx.hub.metrics().auth_failure(e.reason());
         tracing::info!(peer = %peer.addr, reason = %e, path = uri.path(), "refused: authentication failed");
         refusal("invalid_token", e.to_string())
     })
@@ -158,7 +159,14 @@ async fn server_sent_events(
 ) -> Response {
     let verified = match admit_json(&state, &peer, &headers, &uri) {
         Ok(v) => v,
-        Err(e) => return json_error(&e),
+        Err(e) => {
+            state.cx.hub.metrics().upgrade_refused(match e.code {
+                "shutting_down" => "shutting_down",
+                "forbidden" => "origin",
+                _ => "auth",
+            });
+            return json_error(&e);
+        }
     };
     let last_event_id = match headers.get("last-event-id").map(|v| v.to_str()) {
         None => None,
@@ -423,9 +431,11 @@ async fn upgrade(
 ) -> Response {
     let cx = &state.cx;
     if cx.shutdown.is_cancelled() {
+        cx.hub.metrics().upgrade_refused("shutting_down");
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     if !origin_allowed(&state, &headers, &peer) {
+        cx.hub.metrics().upgrade_refused("origin");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
 
@@ -449,6 +459,7 @@ async fn upgrade(
         (None, false) => None,
     };
     let Some(protocol) = protocol else {
+        cx.hub.metrics().upgrade_refused("subprotocol");
         return (
             StatusCode::BAD_REQUEST,
             format!(
@@ -462,6 +473,8 @@ async fn upgrade(
     let verified = match cx.auth.authenticate(&headers, &uri) {
         Ok(v) => v,
         Err(e) => {
+            cx.hub.metrics().upgrade_refused("auth");
+            cx.hub.metrics().auth_failure(e.reason());
             tracing::info!(peer = %peer.addr, reason = %e, "refused: authentication failed");
             return (
                 StatusCode::UNAUTHORIZED,
@@ -535,7 +548,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.cx.hub.metrics().render(),
+        super::admin::scrape(&state.cx.hub, &state.cx.connections),
     )
         .into_response()
 }

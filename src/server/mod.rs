@@ -111,6 +111,7 @@ pub async fn serve(
                 Ok(permit) => Some(permit),
                 Err(refusal) => {
                     tracing::debug!(%peer, ?refusal, "connection refused by limits");
+                    cx.hub.metrics().upgrade_refused("limits");
                     tracker.spawn(refuse(stream, refusal));
                     continue;
                 }
@@ -152,6 +153,7 @@ pub async fn serve(
                     Ok(permit) => ClientSource::Known(client, permit),
                     Err(refusal) => {
                         tracing::debug!(%client, %peer, ?refusal, "connection refused by limits");
+                        cx.hub.metrics().upgrade_refused("limits");
                         return refuse(stream, refusal).await;
                     }
                 },

@@ -281,6 +281,7 @@ pub async fn run(
             _ = keepalive.tick() => beat = true,
         }
         outbox.drain(&mut drained);
+        let frames = drained.items.len() as u64 + u64::from(drained.dropped > 0);
         if beat {
             chunk.extend_from_slice(KEEPALIVE);
         }
@@ -312,8 +313,18 @@ pub async fn run(
         }
         if !chunk.is_empty() {
             let bytes = Bytes::from(std::mem::take(&mut chunk));
+            let len = bytes.len() as u64;
             match tokio::time::timeout(cx.config.write_timeout, body.send(bytes)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    let metrics = cx.hub.metrics();
+                    metrics.frames_out.inc_by(frames);
+                    metrics.bytes_out.inc_by(len);
+                    if let Some(received) = drained.oldest.take() {
+                        metrics
+                            .delivery_latency
+                            .observe(received.elapsed().as_secs_f64());
+                    }
+                }
                 Ok(Err(_)) => break,
                 Err(_) => {
                     abort.cancel();

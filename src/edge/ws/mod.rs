@@ -29,6 +29,7 @@ use crate::fanout::outbox::{Drained, OutItem, Outbox};
 use crate::fanout::upstream::Member;
 use crate::fanout::{Hub, Status, SubscriptionHandle};
 use crate::limits::{LimitsConfig, RequestLimiter};
+use crate::metrics::Metrics;
 use crate::routing::ChannelPattern;
 use protocol::Protocol;
 
@@ -112,7 +113,7 @@ pub async fn run<S>(
         WriterSignals {
             done: done.clone(),
             close_sent: close_sent.clone(),
-            write_timeouts: cx.hub.metrics().write_timeouts.clone(),
+            metrics: cx.hub.metrics().clone(),
         },
     ));
 
@@ -479,7 +480,10 @@ impl Session {
                     "authentication is not enabled on this gateway".into(),
                 ));
             }
-            Some(Err(e)) => return Err(fail("invalid_token", e.to_string())),
+            Some(Err(e)) => {
+                self.cx.hub.metrics().auth_failure(e.reason());
+                return Err(fail("invalid_token", e.to_string()));
+            }
             Some(Ok(v)) => v,
         };
         if verified.principal.subject != self.principal.subject {
@@ -586,8 +590,8 @@ struct WriterSignals {
     done: CancellationToken,
     /// The writer has sent a close frame.
     close_sent: CancellationToken,
-    /// Counts connections closed by the write timeout.
-    write_timeouts: prometheus::IntCounter,
+    /// Where the writer counts write timeouts, frames, bytes and latency.
+    metrics: Arc<Metrics>,
 }
 
 async fn write_loop<W>(
@@ -615,6 +619,7 @@ async fn write_loop<W>(
         }
         outbox.drain(&mut drained);
         let close = drained.close.take();
+        let (mut frames, mut bytes) = (0u64, 0u64);
         let write = async {
             if send_ping {
                 sink.feed(Message::Ping(Bytes::new())).await?;
@@ -629,14 +634,20 @@ async fn write_loop<W>(
                     count: Some(drained.dropped),
                     ..Status::default()
                 });
+                let len = status.len() as u64;
                 if let Some(message) = protocol.message(status) {
+                    (frames, bytes) = (frames + 1, bytes + len);
                     sink.feed(message).await?;
                 }
             }
             for item in drained.items.drain(..) {
                 let (OutItem::Message(frame) | OutItem::Control(frame)) = item;
+                let len = frame.len() as u64;
                 match protocol.message(frame) {
-                    Some(message) => sink.feed(message).await?,
+                    Some(message) => {
+                        (frames, bytes) = (frames + 1, bytes + len);
+                        sink.feed(message).await?
+                    }
                     None => tracing::error!(
                         protocol = ?protocol,
                         "dropped a frame that is not valid for this protocol"
@@ -662,7 +673,7 @@ async fn write_loop<W>(
                 result = tokio::time::timeout(timers.write_timeout, write) => match result {
                     Ok(result) => result,
                     Err(_) => {
-                        signals.write_timeouts.inc();
+                        signals.metrics.write_timeouts.inc();
                         tracing::info!(timeout = ?timers.write_timeout, "client took no data within the write timeout; connection closed");
                         done.cancel();
                         return;
@@ -675,6 +686,14 @@ async fn write_loop<W>(
         if result.is_err() {
             done.cancel();
             return;
+        }
+        signals.metrics.frames_out.inc_by(frames);
+        signals.metrics.bytes_out.inc_by(bytes);
+        if let Some(received) = drained.oldest.take() {
+            signals
+                .metrics
+                .delivery_latency
+                .observe(received.elapsed().as_secs_f64());
         }
         if close.is_some() {
             // The close frame is out; the reader waits (boundedly) for the client's reply.
