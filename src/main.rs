@@ -108,7 +108,13 @@ fn init_logging(json: bool) {
         .with_env_filter(filter)
         .with_ansi(ansi);
     if json {
-        builder.json().init();
+        // Each event carries the fields of the span it happened in (a connection's id, edge,
+        // client address and subject) and of the spans around it.
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
     } else {
         builder.init();
     }

@@ -155,3 +155,132 @@ fn every_example_configuration_is_valid() {
     }
     assert!(checked >= 12, "checked {checked} examples");
 }
+
+#[test]
+fn json_logs_name_the_connection_on_each_connection_event() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    const SECRET: &str = "cli-json-logs-secret-long-enough-0123";
+    let config = write_temp(
+        "json-logs.toml",
+        &format!(
+            r##"
+[auth]
+mode = "jwt"
+secret = "{SECRET}"
+
+[backends.local]
+type = "memory"
+
+[[routes]]
+channel = "#"
+backend = "local"
+topic = "#"
+allow = ["subscribe", "publish"]
+"##
+        ),
+    );
+    let mut child = wsbridge()
+        .args(["run", "--listen", "127.0.0.1:0", "--log-json", "--config"])
+        .arg(&config)
+        .env("WSBRIDGE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let parse = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("a JSON log line ({e}): {line}"))
+    };
+    let addr: std::net::SocketAddr = loop {
+        let line = lines.next().expect("the gateway logs its address").unwrap();
+        if let Some(addr) = parse(&line)["fields"]["local_addr"].as_str() {
+            break addr.parse().unwrap();
+        }
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "alice", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client_addr = runtime.block_on(async {
+        let bearer = format!("Bearer {token}");
+        let mut client = Client::try_connect(addr, |r| {
+            r.headers_mut()
+                .insert("Authorization", bearer.parse().unwrap());
+        })
+        .await
+        .expect("connects with the token");
+        client.subscribe("news").await;
+        let tokio_tungstenite::MaybeTlsStream::Plain(socket) = client.ws.get_ref() else {
+            panic!("a plain connection");
+        };
+        let client_addr = socket.local_addr().unwrap();
+        client.ws.close(None).await.unwrap();
+        while futures_util::StreamExt::next(&mut client.ws)
+            .await
+            .is_some()
+        {}
+        let refused = Client::try_connect(addr, |r| {
+            r.headers_mut()
+                .insert("Authorization", "Bearer nope".parse().unwrap());
+        })
+        .await;
+        assert_eq!(refused.err().map(|e| e.0), Some(401));
+        client_addr
+    });
+
+    // Read until the session's close and the refusal are logged.
+    let mut events = Vec::new();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let seen = |events: &[serde_json::Value], message: &str| {
+        events.iter().any(|e| e["fields"]["message"] == message)
+    };
+    while !(seen(&events, "closed") && seen(&events, "refused: authentication failed")) {
+        assert!(std::time::Instant::now() < deadline, "{events:#?}");
+        let line = lines.next().expect("more log lines").unwrap();
+        events.push(parse(&line));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let _ = child.wait();
+
+    for message in ["connected", "closed"] {
+        let event = events
+            .iter()
+            .find(|e| e["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("a {message:?} event in {events:#?}"));
+        let span = &event["span"];
+        assert_eq!(span["name"], "connection", "{event}");
+        assert!(
+            span["id"]
+                .as_str()
+                .is_some_and(|id| id.parse::<u64>().is_ok())
+                || span["id"].is_u64(),
+            "{event}"
+        );
+        assert_eq!(span["subject"], "alice", "{event}");
+        assert_eq!(span["edge"], "ws", "{event}");
+        assert_eq!(span["peer"], client_addr.to_string(), "{event}");
+    }
+    let refused = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "refused: authentication failed")
+        .unwrap();
+    assert!(
+        refused["fields"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "a refusal names the client address: {refused}"
+    );
+}

@@ -190,9 +190,10 @@ async fn server_sent_events(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let cx = state.cx.clone();
     let metrics = cx.hub.metrics().clone();
-    let span = tracing::debug_span!("sse", id, peer = %peer.addr, %subject);
+    let span = connection_span(id, "sse", &peer, &subject);
     state.tracker.spawn(
         async move {
+            tracing::info!("connected");
             metrics.connections.inc();
             metrics.connections_total.inc();
             let abort = peer.abort.clone();
@@ -200,6 +201,7 @@ async fn server_sent_events(
                 metrics.panics("session").inc();
                 tracing::error!(%panic, "panic in an SSE stream; it was ended");
             }
+            tracing::info!("closed");
             metrics.connections.dec();
             drop(peer);
         }
@@ -505,9 +507,9 @@ async fn upgrade(
             metrics.connections.inc();
             metrics.connections_total.inc();
             let subject = verified.principal.display_name().to_owned();
-            let span = tracing::debug_span!("session", id, peer = %peer.addr, %subject);
+            let span = connection_span(id, "ws", &peer, &subject);
             async move {
-                tracing::debug!(tcp_peer = %peer.tcp_peer, "connected");
+                tracing::info!(tcp_peer = %peer.tcp_peer, "connected");
                 if let Err(panic) =
                     crate::contain::future(ws::run(socket, id, peer.addr, protocol, verified, cx))
                         .await
@@ -515,12 +517,19 @@ async fn upgrade(
                     metrics.panics("session").inc();
                     tracing::error!(%panic, "panic in a session; its connection was dropped");
                 }
+                tracing::info!("closed");
                 metrics.connections.dec();
                 drop(peer);
                 drop(token);
             }
             .instrument(span)
         })
+}
+
+/// The span every event of one client connection is logged in: its id, edge, client address
+/// and subject, so that JSON logs carry them on each line (docs/OPERATIONS.md).
+fn connection_span(id: u64, edge: &'static str, peer: &Peer, subject: &str) -> tracing::Span {
+    tracing::info_span!("connection", id, edge, peer = %peer.addr, subject)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -21,6 +21,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::{Authenticator, Principal, Verified};
 use crate::edge::connections::{ConnectionKind, Connections, NewConnection, Registration};
@@ -102,7 +103,8 @@ pub async fn run<S>(
     // However this function ends (a panic included), the writer stops with it.
     let _stop_writer = done.clone().drop_guard();
     let close_sent = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
+    let writer = tokio::spawn(
+        write_loop(
         sink,
         outbox.clone(),
         protocol,
@@ -115,7 +117,9 @@ pub async fn run<S>(
             close_sent: close_sent.clone(),
             metrics: cx.hub.metrics().clone(),
         },
-    ));
+        )
+        .instrument(tracing::Span::current()),
+    );
 
     let registration = cx.connections.register(NewConnection {
         id,
