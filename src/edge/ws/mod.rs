@@ -105,18 +105,18 @@ pub async fn run<S>(
     let close_sent = CancellationToken::new();
     let writer = tokio::spawn(
         write_loop(
-        sink,
-        outbox.clone(),
-        protocol,
-        WriterTimers {
-            ping_interval: cx.config.ping_interval,
-            write_timeout: cx.config.write_timeout,
-        },
-        WriterSignals {
-            done: done.clone(),
-            close_sent: close_sent.clone(),
-            metrics: cx.hub.metrics().clone(),
-        },
+            sink,
+            outbox.clone(),
+            protocol,
+            WriterTimers {
+                ping_interval: cx.config.ping_interval,
+                write_timeout: cx.config.write_timeout,
+            },
+            WriterSignals {
+                done: done.clone(),
+                close_sent: close_sent.clone(),
+                metrics: cx.hub.metrics().clone(),
+            },
         )
         .instrument(tracing::Span::current()),
     );
