@@ -23,6 +23,8 @@
 //! - [`transform`]: payload formats between broker bytes and client frames (JSON, text, binary,
 //!   Protobuf from `.proto` files loaded at start-up) and JSON Schema checks.
 //! - [`limits`]: the `[limits]` table: connection caps and per-connection publish rates.
+//! - [`telemetry`]: the `[telemetry]` table: OpenTelemetry spans for publishes and deliveries,
+//!   exported over OTLP/HTTP, and the W3C `traceparent` they carry.
 //! - [`config`], [`metrics`] and [`contain`]: leaves. Config problems with their key paths,
 //!   section parsing, `${VAR}` interpolation and the `[[routes]]` entries; per-instance
 //!   Prometheus metrics; panic containment at task boundaries.
@@ -43,6 +45,7 @@ pub mod limits;
 pub mod metrics;
 pub mod routing;
 pub mod server;
+pub mod telemetry;
 pub mod transform;
 
 pub use gateway::{Config, DEFAULT_CONFIG, Gateway, StartError};

@@ -17,7 +17,7 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use crate::backends::{
 use crate::config::Operation;
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::routing::{ChannelPattern, Route, Router};
+use crate::telemetry::Telemetry;
 use crate::transform::ClientPayload;
 pub use encoding::{Delivery, Encoding, Frame};
 pub use outbox::Outbox;
@@ -157,6 +158,8 @@ pub struct UpstreamInfo {
 pub struct PreparedPublish {
     backend: usize,
     publish: Publish,
+    /// When tracing: when the gateway got the publish, and its route's channel template.
+    traced: Option<(SystemTime, String)>,
 }
 
 /// The fan-out core shared by every connection.
@@ -171,6 +174,7 @@ pub struct Hub {
     max_replays: usize,
     replays: AtomicUsize,
     metrics: Arc<Metrics>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 /// The hub's own settings.
@@ -208,7 +212,14 @@ impl Hub {
             max_replays: settings.max_replays,
             replays: AtomicUsize::new(0),
             metrics,
+            telemetry: None,
         }
+    }
+
+    /// Traces publishes and deliveries with `telemetry` (see [`crate::telemetry`]).
+    pub fn with_telemetry(mut self, telemetry: Option<Arc<Telemetry>>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<UpstreamKey, Arc<Upstream>>> {
@@ -291,7 +302,10 @@ impl Hub {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     key,
                     start,
-                    fanout: Arc::new(Fanout::new(slot.metrics.clone(), self.metrics.clone())),
+                    fanout: Arc::new(
+                        Fanout::new(slot.metrics.clone(), self.metrics.clone())
+                            .traced(self.telemetry.clone(), &slot.name),
+                    ),
                     subscribed: tokio::sync::Mutex::new(false),
                 })
             });
@@ -442,8 +456,13 @@ impl Hub {
             (Some(routed), _) => Some(routed),
             (None, given) => given,
         };
+        let traced = self
+            .telemetry
+            .as_ref()
+            .map(|_| (SystemTime::now(), route.channel.as_str().to_owned()));
         Ok(PreparedPublish {
             backend: route.backend,
+            traced,
             publish: Publish {
                 route: route.index,
                 topic: resolved.topic.text,
@@ -458,15 +477,30 @@ impl Hub {
     /// Hands a prepared publish to its backend and waits for the broker's acknowledgement.
     pub async fn publish(&self, prepared: PreparedPublish) -> Result<PublishReceipt, RequestError> {
         let slot = &self.backends[prepared.backend];
-        let result =
-            tokio::time::timeout(self.request_timeout, slot.backend.publish(prepared.publish))
-                .await
-                .unwrap_or(Err(BackendError::Timeout(self.request_timeout)));
+        let mut publish = prepared.publish;
+        let span = match (&self.telemetry, prepared.traced) {
+            (Some(telemetry), Some((started, channel))) => {
+                let span = telemetry.publish(started, &publish.headers, &slot.name, &channel);
+                span.carry(&mut publish.headers);
+                Some(span)
+            }
+            _ => None,
+        };
+        let result = tokio::time::timeout(self.request_timeout, slot.backend.publish(publish))
+            .await
+            .unwrap_or(Err(BackendError::Timeout(self.request_timeout)));
         match &result {
             Ok(_) => slot.metrics.publishes_ok.inc(),
             Err(e) => slot.metrics.publish_failed(e.code()),
         }
-        result.map_err(RequestError::from)
+        let result = result.map_err(RequestError::from);
+        if let Some(span) = span {
+            span.finish(match &result {
+                Ok(_) => Ok(()),
+                Err(e) => Err((e.code, &e.message)),
+            });
+        }
+        result
     }
 
     /// Watches every backend's health until `shutdown`, sending `backend_down`/`backend_up`

@@ -25,6 +25,7 @@ use super::status::Status;
 use crate::backends::{BrokerMessage, MessageSink, SubscriptionEvent};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::routing::{ChannelPattern, Route};
+use crate::telemetry::Telemetry;
 use crate::transform::{DecodeError, PayloadView};
 
 /// The `decode_error` status a subscriber gets instead of a message it cannot be shown.
@@ -196,6 +197,8 @@ pub struct Fanout {
     messages_in: AtomicU64,
     /// Message frames queued to its subscribers.
     messages_out: AtomicU64,
+    /// When tracing: the exporter and the backend's name, for a span per delivery.
+    telemetry: Option<(Arc<Telemetry>, Arc<str>)>,
 }
 
 impl Fanout {
@@ -206,7 +209,14 @@ impl Fanout {
             global,
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
+            telemetry: None,
         }
+    }
+
+    /// Traces each delivery with `telemetry`, naming `backend` (see [`crate::telemetry`]).
+    pub fn traced(mut self, telemetry: Option<Arc<Telemetry>>, backend: &str) -> Self {
+        self.telemetry = telemetry.map(|t| (t, Arc::from(backend)));
+        self
     }
 
     /// Broker messages received here, and message frames queued to subscribers, so far.
@@ -441,6 +451,10 @@ impl MessageSink for Fanout {
     fn deliver(&self, message: BrokerMessage) {
         // When the adapter handed the message over: the start of its delivery latency.
         let received = Instant::now();
+        // Ended when dropped, after the message was queued to every subscriber.
+        let _span = self.telemetry.as_ref().map(|(telemetry, backend)| {
+            telemetry.delivery(&message.headers, backend, &message.topic)
+        });
         self.metrics.broker_messages.inc();
         self.messages_in.fetch_add(1, Ordering::Relaxed);
         let groups = self.snapshot();

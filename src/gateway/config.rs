@@ -24,6 +24,7 @@ use crate::limits::LimitsConfig;
 use crate::routing::{BackendTarget, Router};
 use crate::server::ServerConfig;
 use crate::server::admin::AdminConfig;
+use crate::telemetry::TelemetryConfig;
 use crate::transform::Schemas;
 
 /// The commented default configuration printed by `wsbridge print-config`; it is exactly what
@@ -31,7 +32,14 @@ use crate::transform::Schemas;
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 
 const TOP_LEVEL_KEYS: &[&str] = &[
-    "server", "admin", "backends", "routes", "auth", "limits", "schemas",
+    "server",
+    "admin",
+    "backends",
+    "routes",
+    "auth",
+    "limits",
+    "schemas",
+    "telemetry",
 ];
 
 /// A validated configuration.
@@ -44,6 +52,8 @@ pub struct Config {
     /// The `[admin]` table: the admin API's listener and token.
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
+    /// The `[telemetry]` table: OpenTelemetry traces, off without `otlp_endpoint`.
+    pub telemetry: TelemetryConfig,
     auth: AuthConfig,
     /// Named backends, ordered by name.
     backends: BTreeMap<String, BackendConfig>,
@@ -130,6 +140,11 @@ impl Config {
         let schema_paths: Vec<PathBuf> =
             section(table.remove("schemas"), "schemas", &mut problems).unwrap_or_default();
         let schemas = Schemas::load(&schema_paths, &mut problems);
+        // A malformed table leaves a problem, so the default taken here is never used.
+        let telemetry =
+            section::<TelemetryConfig>(table.remove("telemetry"), "telemetry", &mut problems)
+                .inspect(|t| t.validate(&mut problems))
+                .unwrap_or_default();
         let backends = parse_backends(table.remove("backends"), &mut problems);
         let (routes, all_routes_parsed) = parse_routes(table.remove("routes"), &mut problems);
 
@@ -161,6 +176,7 @@ impl Config {
                     server,
                     admin,
                     limits,
+                    telemetry,
                     auth,
                     backends,
                     routes: routes.into_iter().map(|(_, r)| r).collect(),

@@ -22,6 +22,7 @@ use crate::edge::ws::SessionContext;
 use crate::fanout::{BackendHandle, Hub, HubSettings};
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
+use crate::telemetry::{Telemetry, TelemetryError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum StartError {
     Backend { name: String, source: BackendError },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] TelemetryError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,6 +47,7 @@ pub struct Gateway {
     shutdown: CancellationToken,
     hub: Arc<Hub>,
     task: JoinHandle<()>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Gateway {
@@ -61,6 +65,7 @@ impl Gateway {
             .transpose()
             .map_err(StartError::Tls)?;
         let metrics = Arc::new(Metrics::new());
+        let telemetry = Telemetry::start(&config.telemetry)?;
         let mut backends = Vec::with_capacity(config.backends().len());
         for (name, backend_config) in config.backends() {
             let routes = config
@@ -86,7 +91,7 @@ impl Gateway {
                 backend,
             });
         }
-        let hub = Arc::new(Hub::new(
+        let hub = Hub::new(
             compiled.router,
             compiled.policy,
             backends,
@@ -95,7 +100,8 @@ impl Gateway {
                 max_replays: config.limits.max_replays,
             },
             metrics,
-        ));
+        );
+        let hub = Arc::new(hub.with_telemetry(telemetry.clone()));
 
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
@@ -164,6 +170,7 @@ impl Gateway {
             shutdown,
             hub,
             task,
+            telemetry,
         })
     }
 
@@ -185,5 +192,9 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+        if let Some(telemetry) = self.telemetry {
+            // Sending the last spans blocks on the exporter's thread.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        }
     }
 }
