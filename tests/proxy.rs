@@ -193,8 +193,21 @@ async fn forwarded_addresses_from_a_trusted_proxy_count_as_the_clients() {
     let second = connect(addr, b"", &xff("203.0.113.1"))
         .await
         .expect("second");
-    // The same forwarded address over a third TCP connection hits its cap...
+    // The same forwarded address over a third TCP connection hits its cap, counted like a refusal
+    // at accept...
     assert_per_ip_refusal(connect(addr, b"", &xff("203.0.113.1")).await);
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "wsbridge_upgrades_refused_total{reason=\"limits\"} 1"),
+        "{metrics}"
+    );
     // ...while other forwarded addresses are counted on their own: the right-most entry that is
     // not a trusted proxy, and an IPv6 address with a port.
     let other = connect(addr, b"", &xff("192.0.2.99, 198.51.100.2, 127.0.0.1"))

@@ -220,6 +220,7 @@ async fn serve_connection<I>(
                 limits,
                 tcp_peer: peer,
                 abort: abort.clone(),
+                metrics: cx.hub.metrics().clone(),
             };
             app.layer(axum::middleware::from_fn(move |request, next| {
                 clients.clone().admit(request, next)

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::Peer;
 use crate::limits::ConnectionLimits;
+use crate::metrics::Metrics;
 
 /// The first bytes of a PROXY protocol v1 header.
 const V1_PREFIX: &[u8] = b"PROXY ";
@@ -300,6 +301,7 @@ pub(super) struct ForwardedClients {
     pub limits: Arc<ConnectionLimits>,
     pub tcp_peer: SocketAddr,
     pub abort: CancellationToken,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ForwardedClients {
@@ -320,6 +322,7 @@ impl ForwardedClients {
             }
             Err(refusal) => {
                 tracing::debug!(peer = %addr, proxy = %self.tcp_peer, ?refusal, "request refused by limits");
+                self.metrics.upgrade_refused("limits");
                 let (code, _, body) = refusal.status_and_body();
                 let status = StatusCode::from_u16(code).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
                 (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
