@@ -30,7 +30,7 @@ use crate::config::ConfigProblem;
 
 /// The `[telemetry]` table. Without `otlp_endpoint` nothing is traced.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct TelemetryConfig {
     /// Base URL of an OTLP/HTTP receiver; traces go to `<otlp_endpoint>/v1/traces` (protobuf).
     pub otlp_endpoint: Option<String>,
@@ -282,6 +282,43 @@ mod tests {
         assert!(found[0].starts_with("telemetry.otlp_endpoint"), "{found:?}");
         assert!(found[1].starts_with("telemetry.sample_ratio"), "{found:?}");
         assert!(found[2].starts_with("telemetry.service_name"), "{found:?}");
+    }
+
+    #[test]
+    fn a_config_file_reports_every_problem_of_the_table() {
+        let config = r##"
+            [backends.local]
+            type = "memory"
+
+            [[routes]]
+            channel = "#"
+            backend = "local"
+            topic = "#"
+            allow = ["subscribe", "publish"]
+
+            [telemetry]
+            otlp_endpoint = "localhost:4318"
+            sample_ratio = -0.5
+            colour = "red"
+        "##;
+        let error = crate::Config::from_toml_with_env(config, &|_| None).unwrap_err();
+        let mut paths: Vec<&str> = error.problems.iter().map(|p| p.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "telemetry.colour",
+                "telemetry.otlp_endpoint",
+                "telemetry.sample_ratio"
+            ]
+        );
+        let valid = config
+            .replace("localhost:4318", "https://otel.example:4318")
+            .replace("-0.5", "0.25")
+            .replace("colour = \"red\"", "");
+        let parsed = crate::Config::from_toml_with_env(&valid, &|_| None).unwrap();
+        assert_eq!(parsed.telemetry.sample_ratio, 0.25);
+        assert_eq!(parsed.telemetry.service_name, "wsbridge");
     }
 
     #[test]
