@@ -568,3 +568,43 @@ async fn a_scrape_shows_every_metric_with_plausible_values_after_traffic() {
     assert!(value(&after, "process_cpu_seconds_total") >= 0.0);
     gw.shutdown().await;
 }
+
+#[test]
+fn the_admin_token_comes_from_the_environment_and_is_never_shown() {
+    let text = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"${ADMIN_TOKEN}\"\n\
+        [backends.local]\ntype = \"memory\"\n\
+        [[routes]]\nchannel = \"#\"\nbackend = \"local\"\ntopic = \"#\"\nallow = [\"subscribe\"]\n";
+    let secret = "from-the-environment-0123456789";
+    let config = wsbridge::Config::from_toml_with_env(text, &|name| {
+        (name == "ADMIN_TOKEN").then(|| secret.to_owned())
+    })
+    .expect("valid");
+    assert_eq!(
+        config.admin.token.as_ref().map(|t| t.expose()),
+        Some(secret)
+    );
+    assert!(!format!("{config:?}").contains(secret), "redacted in Debug");
+
+    let missing = wsbridge::Config::from_toml_with_env(
+        &text.replace("token = \"${ADMIN_TOKEN}\"\n", ""),
+        &|_| None,
+    )
+    .unwrap_err();
+    let problems: Vec<String> = missing.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("admin.token: missing")),
+        "{problems:?}"
+    );
+    let unknown = wsbridge::Config::from_toml_with_env(
+        &text.replace("[admin]\n", "[admin]\nport = 1\n"),
+        &|_| Some(secret.to_owned()),
+    )
+    .unwrap_err();
+    let problems: Vec<String> = unknown.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems.iter().any(|p| p == "admin.port: unknown key"),
+        "{problems:?}"
+    );
+}

@@ -565,6 +565,18 @@ async fn subscriptions_survive_a_broker_restart_without_reconnecting() {
         "ok"
     );
     assert_eq!(ws.next_message().await["payload"], 4);
+    // The metrics count the reconnect, and the publish refused while down by its error code.
+    let (_, metrics) = http_get(gw.local_addr(), "/metrics").await;
+    for series in [
+        "wsbridge_backend_reconnects_total{backend=\"plant\"} 1",
+        "wsbridge_publishes_total{backend=\"plant\",result=\"backend_unavailable\"} 1",
+        "wsbridge_publishes_total{backend=\"plant\",result=\"ok\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} in {metrics}"
+        );
+    }
     gw.shutdown().await;
 }
 

@@ -513,6 +513,8 @@ impl Hub {
             watchers.spawn(async move {
                 let mut health: watch::Receiver<Health> = hub.backends[index].backend.health();
                 let mut was_up = health.borrow_and_update().is_up();
+                // The first connection (a backend may start down) is not a reconnect.
+                let mut ever_up = was_up;
                 hub.backends[index].metrics.up.set(was_up as i64);
                 loop {
                     tokio::select! {
@@ -522,9 +524,10 @@ impl Hub {
                     let now = health.borrow_and_update().clone();
                     if now.is_up() != was_up {
                         was_up = now.is_up();
-                        if was_up {
+                        if was_up && ever_up {
                             hub.backends[index].metrics.reconnects.inc();
                         }
+                        ever_up |= was_up;
                         hub.backends[index].metrics.up.set(was_up as i64);
                         hub.announce_health(index, &now);
                     }
