@@ -1,10 +1,11 @@
 //! Two gateway processes behind Debian's nginx (a private instance on free ports), with MQTT
 //! (Mosquitto on 1883), AMQP (RabbitMQ on 5672) and Kafka (on 9092) routes, as a team would run
 //! them: clients land on both instances; a client on one receives what a client on the other
-//! publishes, on every route; the per-IP cap counts the address nginx forwards; SIGTERM to one
-//! instance moves its clients to the other, and a Kafka reader resumes from its last position
-//! with nothing lost or duplicated. `scripts/setup/` installs and starts all of it. The test
-//! prints how long each phase took.
+//! publishes, on every route, and a Server-Sent Events stream gets its events through nginx at
+//! once; the per-IP cap counts the address nginx forwards; SIGTERM to one instance moves its
+//! clients to the other, and a Kafka reader resumes from its last position with nothing lost or
+//! duplicated. `scripts/setup/` installs and starts all of it. The test prints how long each phase
+//! took.
 
 mod common;
 mod kafka_support;
@@ -614,7 +615,29 @@ async fn two_instances_behind_nginx() {
     // On each instance: one subscriber per route (index 0..3) and a publisher (index 3).
     across(&routes, &mut on_a, &mut on_b).await;
     across(&routes, &mut on_b, &mut on_a).await;
-    timings.phase("cross-instance delivery on 3 routes x 2", started);
+    // Server-Sent Events through nginx (`proxy_buffering off`): the event arrives at once.
+    let mut sse = reqwest::Client::new()
+        .get(format!("http://{nginx}/sse?channel=telemetry/berlin/%23"))
+        .header("x-forwarded-for", "198.51.100.20")
+        .send()
+        .await
+        .expect("an SSE stream through nginx");
+    assert_eq!(sse.status(), 200);
+    on_b[3]
+        .publish("telemetry/berlin/sse", json!({"via": "sse"}))
+        .await;
+    let mut events = String::new();
+    tokio::time::timeout(WAIT, async {
+        while !events.contains(r#""payload":{"via":"sse"}"#) {
+            let chunk = sse.chunk().await.expect("the stream").expect("still open");
+            events.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no SSE event through nginx; got {events:?}"));
+    assert!(events.contains("event: message"), "{events}");
+    drop(sse);
+    timings.phase("cross-instance delivery on 3 routes x 2, SSE", started);
 
     // Phase 4: the per-IP cap counts the forwarded address, on each instance.
     let started = Instant::now();
