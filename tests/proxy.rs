@@ -244,6 +244,39 @@ async fn forwarded_addresses_from_a_trusted_proxy_count_as_the_clients() {
 }
 
 #[tokio::test]
+async fn http_publish_rates_are_per_forwarded_address() {
+    let text = config("trusted_proxies = [\"127.0.0.1/32\"]", 10)
+        .replace("[limits]\n", "[limits]\npublish_per_second = 1\n");
+    assert!(text.contains("publish_per_second = 1"));
+    let gw = start(&text).await;
+    let addr = gw.local_addr();
+    let http = reqwest::Client::new();
+    let publish = async |forwarded_for: &str| {
+        http.post(format!("http://{addr}/publish"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", forwarded_for)
+            .body(r#"{"channel": "rates/x", "payload": 1}"#)
+            .send()
+            .await
+            .expect("POST /publish answers")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(publish("203.0.113.1").await, 200);
+    assert_eq!(
+        publish("203.0.113.1").await,
+        429,
+        "the same address's bucket is empty"
+    );
+    assert_eq!(
+        publish("203.0.113.2").await,
+        200,
+        "another address has its own"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn rfc_7239_forwarded_headers_when_configured() {
     let gw = start(&config(
         "trusted_proxies = [\"127.0.0.1/32\"]\nforwarded_header = \"forwarded\"",
