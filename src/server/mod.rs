@@ -6,6 +6,10 @@
 //! every upgraded socket, and shut down gracefully: stop accepting, send close 1001 to every
 //! client, wait up to `server.shutdown_grace`, close the backends. It owns the `[server]` table
 //! ([`ServerConfig`]) and TLS ([`tls`]).
+//!
+//! A connection from a trusted proxy ([`proxy`]) carries someone else's client: the accept loop
+//! then reads the PROXY protocol header first, or leaves it to each request's forwarding header
+//! to name the client, and checks the per-address limits for that client instead of the proxy.
 
 pub mod admin;
 pub mod config;
