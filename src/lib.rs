@@ -9,10 +9,11 @@
 //!   place the runtime is assembled: backends, the hub, the listener.
 //! - [`server`]: the listener. Accepts connections, checks connection limits, serves `/ws`,
 //!   `/sse`, `/publish`, `/routes`, the embedded console, `/healthz`, `/readyz` and `/metrics`,
-//!   tracks upgraded sockets and streams, and shuts down gracefully.
+//!   tracks upgraded sockets and streams, and shuts down gracefully. The admin API
+//!   ([`server::admin`]) has a listener of its own.
 //! - [`edge`]: client edges. The WebSocket session ([`edge::ws`]) with its two client protocols,
 //!   [`edge::json`] and [`edge::protobuf`]; Server-Sent Events ([`edge::sse`]) and HTTP publish
-//!   ([`edge::http_publish`]).
+//!   ([`edge::http_publish`]); the registry of open connections ([`edge::connections`]).
 //! - [`fanout`]: the core. One upstream subscription per distinct topic filter, shared by every
 //!   socket on it; each broker message encoded once per edge [`fanout::Encoding`] and the frame
 //!   shared; each client's bounded [`fanout::Outbox`] with its slow-consumer policy.
