@@ -608,3 +608,26 @@ fn the_admin_token_comes_from_the_environment_and_is_never_shown() {
         "{problems:?}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_over_the_limits_counts_as_a_refused_upgrade() {
+    let gw = start(&config("", "").replace("[limits]\n", "[limits]\nmax_connections_per_ip = 1\n"))
+        .await;
+    let addr = gw.local_addr();
+    let refused = async |gw: &Gateway| {
+        scrape(gw)
+            .await
+            .get("wsbridge_upgrades_refused_total{reason=\"limits\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert_eq!(refused(&gw).await, 0.0);
+    let _first = Client::connect(addr).await;
+    let second = Client::try_connect(addr, |_| {}).await;
+    assert!(
+        second.is_err(),
+        "the second connection from 127.0.0.1 is refused"
+    );
+    assert_eq!(refused(&gw).await, 1.0);
+    gw.shutdown().await;
+}
