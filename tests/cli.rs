@@ -234,6 +234,11 @@ allow = ["subscribe", "publish"]
         })
         .await;
         assert_eq!(refused.err().map(|e| e.0), Some(401));
+        // An SSE stream, opened and dropped.
+        let url = format!("http://{addr}/sse?channel=news&access_token={token}");
+        let response = reqwest::get(url).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        drop(response);
         client_addr
     });
 
@@ -243,7 +248,15 @@ allow = ["subscribe", "publish"]
     let seen = |events: &[serde_json::Value], message: &str| {
         events.iter().any(|e| e["fields"]["message"] == message)
     };
-    while !(seen(&events, "closed") && seen(&events, "refused: authentication failed")) {
+    let sse_closed = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "closed" && e["span"]["edge"] == "sse")
+    };
+    while !(seen(&events, "closed")
+        && seen(&events, "refused: authentication failed")
+        && sse_closed(&events))
+    {
         assert!(std::time::Instant::now() < deadline, "{events:#?}");
         let line = lines.next().expect("more log lines").unwrap();
         events.push(parse(&line));
@@ -255,23 +268,22 @@ allow = ["subscribe", "publish"]
     assert!(kill.success());
     let _ = child.wait();
 
-    for message in ["connected", "closed"] {
-        let event = events
-            .iter()
-            .find(|e| e["fields"]["message"] == message)
-            .unwrap_or_else(|| panic!("a {message:?} event in {events:#?}"));
-        let span = &event["span"];
-        assert_eq!(span["name"], "connection", "{event}");
-        assert!(
-            span["id"]
-                .as_str()
-                .is_some_and(|id| id.parse::<u64>().is_ok())
-                || span["id"].is_u64(),
-            "{event}"
-        );
-        assert_eq!(span["subject"], "alice", "{event}");
-        assert_eq!(span["edge"], "ws", "{event}");
-        assert_eq!(span["peer"], client_addr.to_string(), "{event}");
+    for edge in ["ws", "sse"] {
+        for message in ["connected", "closed"] {
+            let event = events
+                .iter()
+                .find(|e| e["fields"]["message"] == message && e["span"]["edge"] == edge)
+                .unwrap_or_else(|| panic!("a {message:?} event of {edge} in {events:#?}"));
+            let span = &event["span"];
+            assert_eq!(span["name"], "connection", "{event}");
+            assert!(span["id"].is_u64(), "{event}");
+            assert_eq!(span["subject"], "alice", "{event}");
+            let peer: std::net::SocketAddr = span["peer"].as_str().unwrap().parse().unwrap();
+            assert_eq!(peer.ip(), client_addr.ip(), "{event}");
+            if edge == "ws" {
+                assert_eq!(peer, client_addr, "{event}");
+            }
+        }
     }
     let refused = events
         .iter()
