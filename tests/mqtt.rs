@@ -10,8 +10,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{Client, eventually, http_get, start, unique};
 use mqtt_support::{
-    MosquittoSub, PrivateBroker, SHARED_PORT, TestPki, mosquitto_pub, mosquitto_pub_lines, ready,
-    sys_values_until,
+    MosquittoSub, PrivateBroker, SHARED_PORT, TcpRelay, TestPki, mosquitto_pub,
+    mosquitto_pub_lines, ready, sys_values_until,
 };
 use serde_json::{Value, json};
 
@@ -611,6 +611,63 @@ async fn requests_wait_for_the_broker_up_to_unavailable_wait() {
     assert_eq!(ws.reply_to(json!("pub")).await["type"], "ok");
     assert_eq!(readyz(&gw).await.0, 200);
     gw.shutdown().await;
+}
+
+/// What a subscriber gets of five QoS 1 messages published while the gateway's connection to
+/// the broker is cut, up to and including one published after the connection is back.
+async fn messages_published_while_the_connection_was_down(backend_extra: &str) -> Vec<Value> {
+    let prefix = unique("session");
+    let relay = TcpRelay::start(SHARED_PORT).await;
+    let url = format!("mqtt://127.0.0.1:{}", relay.port);
+    let gw = gateway(&url, &prefix, backend_extra).await;
+    let mut ws = Client::connect(gw.local_addr()).await;
+    ws.subscribe("sensors/berlin/#").await;
+    let topic = format!("{prefix}/plant/berlin/line1");
+    let publish = async |payload: &str| {
+        mosquitto_pub(SHARED_PORT, &["-q", "1", "-t", &topic, "-m", payload]).await;
+    };
+    publish("\"before\"").await;
+    assert_eq!(ws.next_message().await["payload"], "before");
+
+    relay.cut();
+    assert_eq!(ws.next_of("status").await["code"], "backend_down");
+    for i in 1..=5 {
+        publish(&format!("\"queued {i}\"")).await;
+    }
+    relay.restore();
+    assert_eq!(ws.next_of("status").await["code"], "backend_up");
+    publish("\"after\"").await;
+
+    let mut received = Vec::new();
+    loop {
+        let payload = ws.next_message().await["payload"].clone();
+        received.push(payload.clone());
+        if payload == "after" {
+            break;
+        }
+    }
+    gw.shutdown().await;
+    received
+}
+
+#[tokio::test]
+async fn a_persistent_session_delivers_what_the_broker_queued_while_the_connection_was_down() {
+    let received = messages_published_while_the_connection_was_down(
+        "persistent_session = true\nsession_expiry = \"60s\"",
+    )
+    .await;
+    assert_eq!(
+        received,
+        [
+            "queued 1", "queued 2", "queued 3", "queued 4", "queued 5", "after"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_clean_session_misses_what_was_published_while_the_connection_was_down() {
+    let received = messages_published_while_the_connection_was_down("").await;
+    assert_eq!(received, ["after"]);
 }
 
 #[tokio::test]

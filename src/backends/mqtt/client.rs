@@ -118,6 +118,11 @@ pub fn build(config: &MqttConfig, client_id: String) -> Result<(Client, EventLoo
                 .set_max_packet_size(Some(config.max_packet_size))
                 .set_transport(transport)
                 .set_network_options(network);
+            if config.persistent_session {
+                // Validated to fit in u32 seconds.
+                let expiry = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
+                options.set_session_expiry_interval(Some(expiry));
+            }
             if let Some((user, password)) = credentials {
                 options.set_credentials(user, password);
             }
@@ -358,8 +363,8 @@ impl EventLoop {
     }
 
     /// Forgets every request not yet sent and everything in flight, after the connection failed.
-    /// Sessions are clean, so nothing of the old connection is ever resent; the backend fails
-    /// or repeats those requests itself. Returns the messages that were received but not yet
+    /// Nothing the gateway sent on the old connection is ever resent (even when the session is
+    /// resumed); the backend fails or repeats those requests itself. Returns the messages that were received but not yet
     /// handed out when the connection failed; other leftover events are dropped so that none
     /// of them is mistaken for an event of the next connection.
     pub fn forget_requests(&mut self) -> Vec<Incoming> {
@@ -384,6 +389,14 @@ impl EventLoop {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Makes every later connection resume the broker session (clean start off) instead of
+    /// starting a new one. MQTT 5 only; the configuration refuses persistent sessions on 3.1.1.
+    pub fn resume_sessions(&mut self) {
+        if let EventLoop::V5(eventloop) = self {
+            eventloop.options.set_clean_start(false);
+        }
     }
 
     /// Queues a SUBSCRIBE ahead of every request in the channel (used right after CONNACK).

@@ -97,6 +97,19 @@ pub struct MqttConfig {
     /// Most retained messages kept per MQTT subscription for clients that join it later.
     #[serde(default = "default_retained_cache_size")]
     pub retained_cache_size: usize,
+    /// Keeps the broker session across lost connections (MQTT 5 only): after the first
+    /// connection of the process, the gateway reconnects with clean start off under the same
+    /// client id, so messages of QoS 1 and 2 subscriptions that the broker queued while the
+    /// connection was down are delivered once it is back. The first connection always starts
+    /// clean: nobody is subscribed yet after a start, so nothing queued for an earlier process
+    /// could reach a client.
+    #[serde(default)]
+    pub persistent_session: bool,
+    /// How long the broker keeps a persistent session after the connection is lost (the MQTT 5
+    /// session expiry interval); messages published later than this after a disconnection
+    /// are not kept. Used with `persistent_session`; at most 136 years (u32 seconds).
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
     /// PEM file with the CA certificates that sign the broker's certificate (`mqtts://` only;
     /// default: the system's trusted roots).
     #[serde(default)]
@@ -131,6 +144,10 @@ fn default_reconnect_min_delay() -> Duration {
 
 fn default_reconnect_max_delay() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_retained_cache_size() -> usize {
@@ -302,6 +319,28 @@ impl MqttConfig {
                 format!(
                     "{} must be between {MIN_PACKET_SIZE} and {MQTT_MAX_PACKET_SIZE} bytes",
                     self.max_packet_size
+                ),
+            );
+        }
+
+        if self.persistent_session && self.protocol != ProtocolVersion::V5 {
+            problem(
+                "persistent_session",
+                "needs protocol \"5\": MQTT 3.1.1 cannot give a session an expiry, so the broker \
+                 would keep the sessions of stopped instances forever"
+                    .into(),
+            );
+        }
+        if self.persistent_session
+            && (self.session_expiry < Duration::from_secs(1)
+                || self.session_expiry.as_secs() > u64::from(u32::MAX))
+        {
+            problem(
+                "session_expiry",
+                format!(
+                    "{} must be between 1s and {}s",
+                    duration(self.session_expiry),
+                    u32::MAX
                 ),
             );
         }
@@ -570,6 +609,31 @@ mod tests {
                 "backends.plant.keep_alive: 1s must be between 5s and 65535s",
                 "routes[0].qos: must be 0, 1 or 2 (got 3)"
             ]
+        );
+    }
+
+    #[test]
+    fn persistent_sessions_need_mqtt_5_and_a_session_expiry_mqtt_can_express() {
+        assert_eq!(
+            problems("url = \"mqtt://x\"\npersistent_session = true", ""),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems(
+                "url = \"mqtt://x\"\nprotocol = \"3.1.1\"\npersistent_session = true",
+                ""
+            ),
+            vec![
+                "backends.plant.persistent_session: needs protocol \"5\": MQTT 3.1.1 cannot give a \
+                 session an expiry, so the broker would keep the sessions of stopped instances forever"
+            ]
+        );
+        assert_eq!(
+            problems(
+                "url = \"mqtt://x\"\npersistent_session = true\nsession_expiry = \"200years\"",
+                ""
+            ),
+            vec!["backends.plant.session_expiry: 200years must be between 1s and 4294967295s"]
         );
     }
 

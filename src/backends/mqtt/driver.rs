@@ -5,8 +5,9 @@
 //! the order the requests were queued. Every request is queued together with an [`Expect`] under
 //! the [`Link`] lock, so the n-th "sent" event belongs to the n-th expectation; from then on
 //! its packet id finds it when the PUBACK, PUBCOMP or SUBACK arrives. When the connection fails,
-//! everything not yet sent is thrown away (sessions are clean) and every waiter is answered with
-//! `backend_unavailable`; after the next CONNACK each wanted subscription is made again.
+//! everything not yet sent is thrown away (never resent, even on a resumed session) and every
+//! waiter is answered with `backend_unavailable`; after the next CONNACK each wanted
+//! subscription is made again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -83,6 +84,8 @@ pub struct Shared {
     pub table: RwLock<Table>,
     pub link: Mutex<Link>,
     pub health: watch::Sender<Health>,
+    /// `persistent_session`: reconnections resume the broker session.
+    pub persistent_session: bool,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl Shared {
         protocol: ProtocolVersion,
         max_packet_size: u32,
         retained_cache_size: usize,
+        persistent_session: bool,
         client: Client,
     ) -> Self {
         let health = watch::Sender::new(Health::Down {
@@ -104,6 +108,7 @@ impl Shared {
             table: RwLock::new(Table::new(retained_cache_size)),
             link: Mutex::new(Link::new()),
             health,
+            persistent_session,
         }
     }
 
@@ -217,6 +222,13 @@ impl Shared {
         link.granted = granted;
         link.use_ids = self.protocol == ProtocolVersion::V5 && granted.subscription_ids_available;
         let use_ids = link.use_ids;
+        if self.persistent_session {
+            // The first connection started clean; from now on the broker keeps what it queues
+            // for this session while the connection is down, and resends it on resumption.
+            eventloop.resume_sessions();
+        }
+        // Subscriptions are made again even when the session was resumed: the broker may have
+        // expired it, and subscribing again to a held filter only replaces it.
         let mut count = 0;
         for entry in table.entries_mut() {
             eventloop.queue_subscribe(&entry.filter, entry.qos, use_ids.then_some(entry.id));
@@ -501,6 +513,7 @@ mod tests {
             config.protocol,
             config.max_packet_size,
             config.retained_cache_size,
+            false,
             client,
         );
         shared.link().connected = true;

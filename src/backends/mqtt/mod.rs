@@ -20,9 +20,13 @@
 //! with `backend_unavailable` at once, or after `unavailable_wait` if the link is not back by
 //! then.
 //!
-//! Sessions are clean: after a lost connection the driver reconnects with exponential backoff,
-//! makes every wanted subscription again and reports `Up`; in between [`Backend::health`] says
-//! `Down`, which the core turns into `status` frames and `/readyz`.
+//! After a lost connection the driver reconnects with exponential backoff, makes every wanted
+//! subscription again and reports `Up`; in between [`Backend::health`] says `Down`, which the
+//! core turns into `status` frames and `/readyz`. Sessions are clean unless
+//! `persistent_session` is on: then every connection after the process's first resumes the
+//! broker session, and the messages of QoS 1 and 2 subscriptions the broker queued meanwhile
+//! arrive after the reconnection. Publishes in flight are never resent by the gateway either
+//! way: their clients were told `backend_unavailable`.
 
 mod client;
 mod config;
@@ -127,6 +131,7 @@ impl MqttBackend {
             config.protocol,
             config.max_packet_size,
             config.retained_cache_size,
+            config.persistent_session,
             mqtt_client,
         ));
         let stop = CancellationToken::new();
