@@ -3,9 +3,9 @@
 //! - [`adapter`]: the contract. The [`Backend`] trait the core calls, the [`MessageSink`] a
 //!   backend delivers to, the message and error types, and [`BackendSettings`]: what a kind
 //!   declares about itself (topic syntax, [`Capabilities`]) and how it is built.
-//! - one folder per broker: [`memory`], [`mqtt`], [`amqp`], [`kafka`]. Each holds its config
-//!   table, its route options, its `KIND` and its [`Backend`], and imports only the contract
-//!   (never another adapter).
+//! - one folder per broker: [`memory`], [`mqtt`], [`amqp`], [`kafka`], [`websocket`]. Each
+//!   holds its config table, its route options, its `KIND` and its [`Backend`], and imports only
+//!   the contract (never another adapter).
 //! - this file: the registered kinds ([`KINDS`]) and [`BackendConfig`], a parsed
 //!   `[backends.NAME]` table of any of them.
 //!
@@ -38,7 +38,7 @@ macro_rules! kinds {
     };
 }
 
-kinds!(memory, mqtt, amqp, kafka);
+kinds!(memory, mqtt, amqp, kafka, websocket);
 
 /// A validated `[backends.NAME]` table: its kind and that kind's settings.
 #[derive(Clone)]
@@ -147,6 +147,10 @@ mod tests {
             ("type = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"", "mqtt"),
             ("type = \"amqp\"\nurl = \"amqp://127.0.0.1\"", "amqp"),
             ("type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"", "kafka"),
+            (
+                "type = \"websocket\"\nurl = \"ws://127.0.0.1/{topic}\"",
+                "websocket",
+            ),
         ] {
             let (config, problems) = parse(text);
             assert_eq!(problems, Vec::<String>::new(), "{text}");
@@ -159,12 +163,14 @@ mod tests {
         let (_, problems) = parse("url = \"x\"");
         assert_eq!(
             problems,
-            ["backends.b.type: missing; one of: memory, mqtt, amqp, kafka"]
+            ["backends.b.type: missing; one of: memory, mqtt, amqp, kafka, websocket"]
         );
         let (_, problems) = parse("type = \"plasma\"");
         assert_eq!(
             problems,
-            ["backends.b.type: unknown backend type \"plasma\"; one of: memory, mqtt, amqp, kafka"]
+            [
+                "backends.b.type: unknown backend type \"plasma\"; one of: memory, mqtt, amqp, kafka, websocket"
+            ]
         );
         let (_, problems) = parse("type = 3");
         assert_eq!(problems, ["backends.b.type: must be a string"]);
@@ -177,5 +183,7 @@ mod tests {
         assert!(caps("type = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"").retained);
         let kafka = caps("type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"");
         assert!(kafka.keys && kafka.replay && kafka.partitions && !kafka.retained);
+        let websocket = caps("type = \"websocket\"\nurl = \"ws://127.0.0.1/{topic}\"");
+        assert_eq!(websocket, Capabilities::default());
     }
 }
