@@ -45,6 +45,30 @@ pub struct Metrics {
     upstreams: IntGaugeVec,
     backend_up: IntGaugeVec,
     panics: IntCounterVec,
+    proxy_connections: IntGaugeVec,
+    proxy_frames: IntCounterVec,
+    proxy_bytes: IntCounterVec,
+    proxy_connect_failures: IntCounterVec,
+    proxy_upstream_up: IntGaugeVec,
+}
+
+/// Metric handles for one upstream of one proxy route (labels `proxy` = the public path,
+/// `upstream` = the configured URL).
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// Proxied connections open to this upstream.
+    pub connections: IntGauge,
+    /// Messages relayed from clients to the upstream (pings and pongs included).
+    pub frames_to_upstream: IntCounter,
+    /// Messages relayed from the upstream to clients.
+    pub frames_to_client: IntCounter,
+    /// Payload bytes of those messages.
+    pub bytes_to_upstream: IntCounter,
+    pub bytes_to_client: IntCounter,
+    /// Failed connects (refused, timed out, handshake refused), health probes excluded.
+    pub connect_failures: IntCounter,
+    /// 1 while the upstream takes new connections (its circuit is closed).
+    pub up: IntGauge,
 }
 
 impl BackendMetrics {
@@ -246,6 +270,36 @@ impl Metrics {
                 "Times a backend came back up after losing its broker",
                 b,
             ),
+            proxy_connections: gauge_vec(
+                &registry,
+                "wsbridge_proxy_connections",
+                "Open proxied connections, by proxy path and upstream",
+                &["proxy", "upstream"],
+            ),
+            proxy_frames: counter_vec(
+                &registry,
+                "wsbridge_proxy_frames_total",
+                "WebSocket messages relayed by proxy routes, by direction (to_upstream, to_client)",
+                &["proxy", "upstream", "direction"],
+            ),
+            proxy_bytes: counter_vec(
+                &registry,
+                "wsbridge_proxy_bytes_total",
+                "Payload bytes of the messages relayed by proxy routes, by direction (to_upstream, to_client)",
+                &["proxy", "upstream", "direction"],
+            ),
+            proxy_connect_failures: counter_vec(
+                &registry,
+                "wsbridge_proxy_connect_failures_total",
+                "Failed connects to an upstream of a proxy route (refused, timed out, handshake refused)",
+                &["proxy", "upstream"],
+            ),
+            proxy_upstream_up: gauge_vec(
+                &registry,
+                "wsbridge_proxy_upstream_up",
+                "1 while an upstream of a proxy route takes new connections, 0 while it is taken out",
+                &["proxy", "upstream"],
+            ),
             registry,
             connections,
             connections_total,
@@ -272,6 +326,22 @@ impl Metrics {
             reconnects: self.backend_reconnects.with_label_values(&[name]),
             upstreams: self.upstreams.with_label_values(&[name]),
             up: self.backend_up.with_label_values(&[name]),
+        }
+    }
+
+    /// Handles for one upstream of one proxy route.
+    pub fn proxy_upstream(&self, proxy: &str, upstream: &str) -> ProxyMetrics {
+        let both = &[proxy, upstream];
+        let to_upstream = &[proxy, upstream, "to_upstream"];
+        let to_client = &[proxy, upstream, "to_client"];
+        ProxyMetrics {
+            connections: self.proxy_connections.with_label_values(both),
+            frames_to_upstream: self.proxy_frames.with_label_values(to_upstream),
+            frames_to_client: self.proxy_frames.with_label_values(to_client),
+            bytes_to_upstream: self.proxy_bytes.with_label_values(to_upstream),
+            bytes_to_client: self.proxy_bytes.with_label_values(to_client),
+            connect_failures: self.proxy_connect_failures.with_label_values(both),
+            up: self.proxy_upstream_up.with_label_values(both),
         }
     }
 

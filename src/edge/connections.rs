@@ -1,5 +1,5 @@
-//! Every open client connection (WebSocket sessions and Server-Sent Events streams), for the
-//! admin API.
+//! Every open client connection (WebSocket sessions, Server-Sent Events streams and proxied
+//! WebSocket pairs), for the admin API.
 //!
 //! A connection registers itself when it starts and holds the [`Registration`]; dropping it (the
 //! connection ending, by a panic too) removes the entry. An entry shares the connection's
@@ -27,24 +27,40 @@ pub const CLOSED_BY_ADMINISTRATOR: &str = "closed by administrator";
 pub enum ConnectionKind {
     WebSocket(Protocol),
     Sse,
+    /// A client relayed to an upstream WebSocket service by a proxy route.
+    Proxy,
 }
 
 impl ConnectionKind {
-    /// `ws` or `sse`.
+    /// `ws`, `sse` or `proxy`.
     pub fn edge(&self) -> &'static str {
         match self {
             ConnectionKind::WebSocket(_) => "ws",
             ConnectionKind::Sse => "sse",
+            ConnectionKind::Proxy => "proxy",
         }
     }
 
-    /// The negotiated subprotocol (`wsbridge.v1.json`, `wsbridge.v1.protobuf`) or `sse`.
+    /// The negotiated subprotocol (`wsbridge.v1.json`, `wsbridge.v1.protobuf`), `sse`, or
+    /// `proxy` (a proxied pair's own subprotocol is in [`ProxiedTo`]).
     pub fn protocol(&self) -> &'static str {
         match self {
             ConnectionKind::WebSocket(p) => p.subprotocol(),
             ConnectionKind::Sse => "sse",
+            ConnectionKind::Proxy => "proxy",
         }
     }
+}
+
+/// Where a proxied connection is relayed to.
+#[derive(Debug, Clone)]
+pub struct ProxiedTo {
+    /// The proxy route's public path.
+    pub proxy: String,
+    /// The upstream URL, as configured.
+    pub upstream: String,
+    /// The subprotocol the upstream chose, if any.
+    pub subprotocol: Option<String>,
 }
 
 /// One open connection as the admin API shows it.
@@ -57,6 +73,8 @@ pub struct Connection {
     pub subject: Option<String>,
     pub kind: ConnectionKind,
     pub connected_since: SystemTime,
+    /// For a proxied connection, its route and upstream.
+    pub proxied: Option<ProxiedTo>,
     outbox: Arc<Outbox>,
     subscriptions: Mutex<Vec<String>>,
 }
@@ -126,12 +144,23 @@ impl Connections {
 
     /// Lists a connection until the returned registration is dropped.
     pub fn register(self: &Arc<Self>, new: NewConnection) -> Registration {
+        self.insert(new, None)
+    }
+
+    /// Lists a proxied connection until the returned registration is dropped. Closing it by
+    /// administrator asks its outbox to close, as for any WebSocket.
+    pub fn register_proxied(self: &Arc<Self>, new: NewConnection, to: ProxiedTo) -> Registration {
+        self.insert(new, Some(to))
+    }
+
+    fn insert(self: &Arc<Self>, new: NewConnection, proxied: Option<ProxiedTo>) -> Registration {
         let entry = Arc::new(Connection {
             id: new.id,
             remote_address: new.remote_address,
             subject: new.subject,
             kind: new.kind,
             connected_since: SystemTime::now(),
+            proxied,
             outbox: new.outbox,
             subscriptions: Mutex::new(Vec::new()),
         });

@@ -17,6 +17,7 @@ pub mod json;
 pub mod protobuf;
 pub mod sse;
 pub mod ws;
+pub mod ws_proxy;
 
 use serde::Serialize;
 

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use crate::auth::{AuthConfig, Authenticator, Policy};
 use crate::backends::BackendConfig;
 use crate::config::{ConfigError, ConfigProblem, RouteConfig, deserialize_section, interpolate};
+use crate::edge::ws_proxy::ProxyConfig;
 use crate::limits::LimitsConfig;
 use crate::routing::{BackendTarget, Router};
 use crate::server::ServerConfig;
@@ -40,6 +41,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "schemas",
     "telemetry",
+    "proxies",
 ];
 
 /// A validated configuration.
@@ -61,6 +63,8 @@ pub struct Config {
     routes: Vec<RouteConfig>,
     /// `.proto` files and folders, as listed in `schemas`.
     schema_paths: Vec<PathBuf>,
+    /// The `[[proxies]]` entries: public paths relayed to upstream WebSocket services.
+    proxies: Vec<ProxyConfig>,
     compiled: Compiled,
 }
 
@@ -147,6 +151,7 @@ impl Config {
                 .unwrap_or_default();
         let backends = parse_backends(table.remove("backends"), &mut problems);
         let (routes, all_routes_parsed) = parse_routes(table.remove("routes"), &mut problems);
+        let proxies = parse_proxies(table.remove("proxies"), &mut problems);
 
         // Second pass: what spans sections, on the routes that parsed, under their index.
         let targets: Vec<BackendTarget> = backends
@@ -181,6 +186,7 @@ impl Config {
                     backends,
                     routes: routes.into_iter().map(|(_, r)| r).collect(),
                     schema_paths,
+                    proxies,
                     compiled: Compiled {
                         router: Arc::new(router),
                         policy: Arc::new(policy),
@@ -210,6 +216,11 @@ impl Config {
     /// `.proto` files and folders, as listed in `schemas`.
     pub fn schema_paths(&self) -> &[PathBuf] {
         &self.schema_paths
+    }
+
+    /// The `[[proxies]]` entries, in file order.
+    pub fn proxies(&self) -> &[ProxyConfig] {
+        &self.proxies
     }
 
     pub(crate) fn compiled(&self) -> &Compiled {
@@ -300,6 +311,34 @@ fn parse_routes(
         .collect();
     let all = routes.len() == count;
     (routes, all)
+}
+
+/// The `[[proxies]]` entries (none when absent), each validated under `proxies[i]`.
+fn parse_proxies(
+    value: Option<toml::Value>,
+    problems: &mut Vec<ConfigProblem>,
+) -> Vec<ProxyConfig> {
+    let entries = match value {
+        None => return Vec::new(),
+        Some(toml::Value::Array(entries)) => entries,
+        Some(_) => {
+            problems.push(ConfigProblem::new(
+                "proxies",
+                "must be an array of tables ([[proxies]])",
+            ));
+            return Vec::new();
+        }
+    };
+    let mut proxies: Vec<ProxyConfig> = Vec::with_capacity(entries.len());
+    for (i, value) in entries.into_iter().enumerate() {
+        let at = format!("proxies[{i}]");
+        if let Some(proxy) = deserialize_section::<ProxyConfig>(value, &at, problems) {
+            let others: Vec<&str> = proxies.iter().map(|p| p.path.as_str()).collect();
+            proxy.validate(&at, &others, problems);
+            proxies.push(proxy);
+        }
+    }
+    proxies
 }
 
 /// A value that failed interpolation also fails later checks; report it once.
@@ -467,6 +506,27 @@ mod tests {
         );
         assert!(
             p.iter().any(|l| l.starts_with("routes[3].allow: is empty")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn proxies_are_parsed_and_checked_with_their_index() {
+        let ok = format!(
+            "{BASE}\n[[proxies]]\npath = \"/chat\"\nupstreams = [\"ws://127.0.0.1:9101/chat\"]"
+        );
+        let config = Config::from_toml_with_env(&ok, &|_| None).unwrap();
+        assert_eq!(config.proxies()[0].path, "/chat");
+        let bad = format!(
+            "{ok}\n[[proxies]]\npath = \"/chat\"\nupstreams = [\"ws://a:1/\", \"tcp://b\"]"
+        );
+        let p = problems(&bad);
+        assert!(
+            p.iter().any(|l| l.starts_with("proxies[1].path: ")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter().any(|l| l.starts_with("proxies[1].upstreams[1]: ")),
             "{p:#?}"
         );
     }

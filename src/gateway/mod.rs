@@ -19,6 +19,7 @@ pub use config::{Config, DEFAULT_CONFIG};
 use crate::backends::{BackendError, BuildContext};
 use crate::edge::connections::Connections;
 use crate::edge::ws::SessionContext;
+use crate::edge::ws_proxy::ProxyRoute;
 use crate::fanout::{BackendHandle, Hub, HubSettings};
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -155,6 +156,17 @@ impl Gateway {
             connections,
         };
         let limits = Arc::new(ConnectionLimits::new(&config.limits));
+        let proxies: Vec<Arc<ProxyRoute>> = config
+            .proxies()
+            .iter()
+            .map(|p| {
+                Arc::new(ProxyRoute::new(
+                    p.clone(),
+                    hub.metrics(),
+                    config.server.max_message_size,
+                ))
+            })
+            .collect();
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let task = tokio::spawn(crate::server::serve(
             listener,
@@ -162,6 +174,7 @@ impl Gateway {
             cx,
             limits,
             tls,
+            proxies,
         ));
         tracing::info!(%local_addr, "wsbridge listening; WebSocket endpoint at {scheme}://{local_addr}/ws");
         Ok(Gateway {

@@ -1,7 +1,8 @@
 //! The admin API: the `[admin]` table and its own listener (plain HTTP, off unless
 //! `admin.listen` is set), protected by a bearer token.
 //!
-//! `GET /admin/connections` lists every client connection from the connection registry,
+//! `GET /admin/connections` lists every client connection from the connection registry (a
+//! proxied pair with its proxy path and upstream URL),
 //! `GET|DELETE /admin/connections/{id}` shows or closes one, `GET /admin/channels` lists the
 //! upstream subscriptions with their subscriber counts and message counters, and `GET /metrics`
 //! serves the same Prometheus text as the public port. Every answer is JSON except `/metrics`;
@@ -155,7 +156,7 @@ fn rfc3339(at: SystemTime) -> String {
 
 fn connection_json(connection: &Connection) -> Value {
     let (queued, dropped) = connection.queue_counts();
-    json!({
+    let mut entry = json!({
         "id": connection.id,
         "remote_address": connection.remote_address.to_string(),
         "subject": connection.subject,
@@ -165,7 +166,13 @@ fn connection_json(connection: &Connection) -> Value {
         "subscriptions": connection.subscriptions(),
         "queued_messages": queued,
         "dropped_messages": dropped,
-    })
+    });
+    if let Some(to) = &connection.proxied {
+        entry["protocol"] = json!(to.subprotocol);
+        entry["proxy"] = json!(to.proxy);
+        entry["upstream"] = json!(to.upstream);
+    }
+    entry
 }
 
 async fn list_connections(State(state): State<AdminState>) -> Response {

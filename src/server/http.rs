@@ -1,6 +1,6 @@
 //! HTTP endpoints: `/ws` (the upgrade), `/sse` (Server-Sent Events), `/publish` (HTTP publish),
 //! `/routes`, the console (`/console/`, and `/` pointing to it), `/healthz`, `/readyz` and
-//! `/metrics`.
+//! `/metrics`, and one path per proxy route (`[[proxies]]`).
 //!
 //! The client endpoints (`/ws`, `/sse`, `/publish`, `/routes`) share the Origin check
 //! (`server.allowed_origins`) and authentication; the JSON ones answer a refusal with
@@ -29,6 +29,7 @@ use crate::auth::{SUBPROTOCOL_TOKEN_PREFIX, Verified};
 use crate::config::Operation;
 use crate::edge::ws::protocol::Protocol;
 use crate::edge::ws::{self, SessionContext};
+use crate::edge::ws_proxy::{self, ClientHandshake, Pair, ProxyRoute};
 use crate::edge::{self, ProtocolError, http_publish, sse};
 use crate::limits::{AddressPublishLimiter, ConnectionPermit};
 
@@ -65,10 +66,29 @@ pub struct AppState {
     pub next_session: Arc<AtomicU64>,
     /// Publish rates per client address for `POST /publish`.
     pub publish_limiter: Arc<AddressPublishLimiter>,
+    /// The proxy routes, each served at its path.
+    pub proxies: Arc<Vec<Arc<ProxyRoute>>>,
 }
 
 pub fn app(state: AppState) -> axum::Router {
-    axum::Router::new()
+    let mut router = axum::Router::new();
+    for route in state.proxies.iter() {
+        let route = route.clone();
+        let path = route.path().to_owned();
+        router = router.route(
+            &path,
+            get(
+                move |state: State<AppState>,
+                      peer: Extension<Peer>,
+                      headers: HeaderMap,
+                      uri: Uri,
+                      ws: WebSocketUpgrade| {
+                    proxy_upgrade(route.clone(), state, peer, headers, uri, ws)
+                },
+            ),
+        );
+    }
+    router
         .route("/ws", get(upgrade))
         .route("/sse", get(server_sent_events))
         .route("/publish", post(publish))
@@ -516,6 +536,83 @@ async fn upgrade(
                 {
                     metrics.panics("session").inc();
                     tracing::error!(%panic, "panic in a session; its connection was dropped");
+                }
+                tracing::info!("closed");
+                metrics.connections.dec();
+                drop(peer);
+                drop(token);
+            }
+            .instrument(span)
+        })
+}
+
+/// The upgrade of a proxy route: the shared checks, then an upstream, then the client's answer
+/// with the upstream's subprotocol (502 `bad_gateway` when no upstream can be reached).
+async fn proxy_upgrade(
+    route: Arc<ProxyRoute>,
+    State(state): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let metrics = state.cx.hub.metrics().clone();
+    let verified = match admit_json(&state, &peer, &headers, &uri) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics.upgrade_refused(match e.code {
+                "shutting_down" => "shutting_down",
+                "forbidden" => "origin",
+                _ => "auth",
+            });
+            return json_error(&e);
+        }
+    };
+    let handshake = ClientHandshake {
+        headers: &headers,
+        uri: &uri,
+        verified: &verified,
+        client_ip: peer.addr.ip(),
+    };
+    let upstream = match route.connect(&handshake).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::warn!(peer = %peer.addr, proxy = route.path(), error = %e, "refused: no upstream");
+            return refuse(
+                "bad_gateway",
+                format!("no upstream of {} could be reached", route.path()),
+            );
+        }
+    };
+    let ws = match &upstream.subprotocol {
+        Some(name) => ws.protocols([name.clone()]),
+        None => ws,
+    };
+    let id = state.next_session.fetch_add(1, Ordering::Relaxed);
+    let cx = state.cx.clone();
+    let token = state.tracker.token();
+    let limit = route.max_message_size;
+    ws.read_buffer_size(READ_BUFFER_SIZE)
+        .write_buffer_size(WRITE_BUFFER_SIZE)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            metrics.connections.inc();
+            metrics.connections_total.inc();
+            let subject = verified.principal.display_name().to_owned();
+            let span = connection_span(id, "proxy", &peer, &subject);
+            let pair = Pair {
+                id,
+                remote_address: peer.addr,
+                subject: verified.principal.subject.clone(),
+                route,
+                upstream,
+            };
+            async move {
+                tracing::info!(tcp_peer = %peer.tcp_peer, upstream = %pair.upstream.lease.upstream().url.url, "connected");
+                if let Err(panic) = crate::contain::future(ws_proxy::run(socket, pair, cx)).await {
+                    metrics.panics("session").inc();
+                    tracing::error!(%panic, "panic in a proxied connection; it was dropped");
                 }
                 tracing::info!("closed");
                 metrics.connections.dec();

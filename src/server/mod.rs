@@ -1,5 +1,5 @@
 //! The listener: accepts TCP connections, serves HTTP on them (`/ws` upgrades to sessions, `/sse`
-//! streams, `/publish`, `/routes`, the console).
+//! streams, `/publish`, `/routes`, the console, and each proxy route's path, relayed upstream).
 //!
 //! The accept loop is our own (not `axum::serve`) so that it can check connection limits before
 //! any HTTP is read, bound the time a client takes to send its request head, count and track
@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 pub use config::ServerConfig;
 
 use crate::edge::ws::{SessionContext, SessionSettings};
+use crate::edge::ws_proxy::ProxyRoute;
 use crate::limits::{AddressPublishLimiter, ConnectionLimits, ConnectionPermit, Refusal};
 use proxy::{ForwardedClients, TrustedProxies};
 
@@ -62,15 +63,20 @@ impl ServerConfig {
 }
 
 /// Serves connections from `listener` until `cx.shutdown` is cancelled, then closes every
-/// client (1001, up to `shutdown_grace`) and the backends.
+/// client (1001, up to `shutdown_grace`) and the backends. `proxies` are the proxy routes; their
+/// health checks run until shutdown.
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     cx: SessionContext,
     limits: Arc<ConnectionLimits>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    proxies: Vec<Arc<ProxyRoute>>,
 ) {
     let tracker = TaskTracker::new();
+    for proxy in &proxies {
+        proxy.pool.spawn_health_checks(cx.shutdown.clone());
+    }
     let state = http::AppState {
         cx: cx.clone(),
         server: config.clone(),
@@ -80,6 +86,7 @@ pub async fn serve(
             &cx.limits,
             config.max_message_size,
         )),
+        proxies: Arc::new(proxies),
     };
     let app = http::app(state);
     let proxies = Arc::new(TrustedProxies::new(

@@ -20,6 +20,7 @@ use wsbridge::{Config, Gateway};
 pub mod faulty;
 pub mod input;
 pub mod ws_feed;
+pub mod ws_upstream;
 
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
