@@ -14,7 +14,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 
 pub use env::interpolate;
-pub use route::{Operation, RouteConfig, SlowConsumerPolicy};
+pub use route::{MaxRate, Operation, RouteConfig, SlowConsumerPolicy};
 
 /// One thing wrong with a config file, at the path of the offending key.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Instant;
 
 use super::encoding::{Delivery, Encoding, Frame, same_encoding};
-use super::outbox::{Outbox, Pushed};
+use super::outbox::{ConflationKey, Outbox, Pushed, Queued};
 use super::status::Status;
 use crate::backends::{BrokerMessage, MessageSink, SubscriptionEvent};
+use crate::config::{MaxRate, SlowConsumerPolicy};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::routing::{ChannelPattern, Route};
 use crate::telemetry::Telemetry;
@@ -337,6 +338,17 @@ impl Fanout {
         let mut view: Option<Result<PayloadView, DecodeError>> = None;
         let mut encoded = FrameCache::default();
         let mut queued = 0;
+        // Routes that conflate give each message its key, made once and shared by the queues.
+        let key = (route.slow_consumer == SlowConsumerPolicy::LatestPerKey
+            || route.max_rate.is_some())
+        .then(|| {
+            Arc::new(ConflationKey {
+                subscription: Arc::from(pattern.as_str()),
+                channel: Arc::from(channel.as_str()),
+                key: message.key.as_deref().map(Arc::from),
+            })
+        });
+        let min_interval = route.max_rate.map(MaxRate::interval);
         for member in members {
             let frame = match encoded.get(member.encoding) {
                 Some(frame) => frame,
@@ -363,11 +375,15 @@ impl Fanout {
                 }
                 continue;
             };
-            match member
-                .outbox
-                .push_received(frame, route.slow_consumer, &member.live, received)
-            {
-                Pushed::Queued => queued += 1,
+            let message = Queued {
+                frame,
+                key: key.clone(),
+                policy: route.slow_consumer,
+                min_interval,
+                received,
+            };
+            match member.outbox.push(message, &member.live) {
+                Pushed::Queued | Pushed::Conflated => queued += 1,
                 Pushed::DroppedOldest => {
                     queued += 1;
                     self.metrics.dropped.inc();

@@ -19,7 +19,7 @@ pub use template::{
     RenderError, RenderedTopic, TopicSyntax, TopicTemplate,
 };
 
-use crate::config::{ConfigProblem, Operation, RouteConfig, SlowConsumerPolicy};
+use crate::config::{ConfigProblem, MaxRate, Operation, RouteConfig, SlowConsumerPolicy};
 use crate::transform::{ClientPayload, JsonSchema, PayloadError, PayloadFormat, Schemas};
 
 /// A compiled route.
@@ -36,6 +36,8 @@ pub struct Route {
     pub allow_subscribe: bool,
     pub allow_publish: bool,
     pub slow_consumer: SlowConsumerPolicy,
+    /// Most messages per second a client gets on one channel.
+    pub max_rate: Option<MaxRate>,
     pub format: PayloadFormat,
     /// Schema client publishes must match (checked on their JSON form).
     pub json_schema: Option<JsonSchema>,
@@ -292,6 +294,7 @@ fn compile(
         allow_subscribe: config.allow.contains(&Operation::Subscribe),
         allow_publish: config.allow.contains(&Operation::Publish),
         slow_consumer: config.slow_consumer,
+        max_rate: config.max_rate,
         format: format?,
         json_schema,
     })

@@ -261,6 +261,7 @@ pub async fn run(
     loop {
         let mut end: Option<&str> = None;
         let mut beat = false;
+        let due = drained.next_due.map(Instant::from_std);
         tokio::select! {
             biased;
             _ = body.closed() => break,
@@ -279,25 +280,17 @@ pub async fn run(
             _ = expiry.as_mut() => end = Some("token expired"),
             _ = outbox.ready() => {}
             _ = keepalive.tick() => beat = true,
+            // Only a stream with messages held back by a route's `max_rate` has this timer.
+            _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
         }
         outbox.drain(&mut drained);
-        let frames = drained.items.len() as u64 + u64::from(drained.dropped > 0);
+        let mut frames = drained.items.len() as u64;
         if beat {
             chunk.extend_from_slice(KEEPALIVE);
         }
-        if drained.dropped > 0 {
-            chunk.extend_from_slice(
-                SSE.status(&Status {
-                    code: "messages_dropped",
-                    message: format!(
-                        "{} messages were dropped because this stream was not read fast enough",
-                        drained.dropped
-                    ),
-                    count: Some(drained.dropped),
-                    ..Status::default()
-                })
-                .bytes(),
-            );
+        for status in drained.statuses() {
+            chunk.extend_from_slice(SSE.status(&status).bytes());
+            frames += 1;
         }
         for item in drained.items.drain(..) {
             match item {

@@ -616,10 +616,13 @@ async fn write_loop<W>(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut send_ping = false;
+        // Only a connection with messages held back by a route's `max_rate` has this timer.
+        let due = drained.next_due.map(Instant::from_std);
         tokio::select! {
             _ = done.cancelled() => return,
             _ = outbox.ready() => {}
             _ = ping.tick() => send_ping = true,
+            _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
         }
         outbox.drain(&mut drained);
         let close = drained.close.take();
@@ -628,16 +631,8 @@ async fn write_loop<W>(
             if send_ping {
                 sink.feed(Message::Ping(Bytes::new())).await?;
             }
-            if drained.dropped > 0 {
-                let status = protocol.status(&Status {
-                    code: "messages_dropped",
-                    message: format!(
-                        "{} messages were dropped because this connection did not read fast enough",
-                        drained.dropped
-                    ),
-                    count: Some(drained.dropped),
-                    ..Status::default()
-                });
+            for status in drained.statuses() {
+                let status = protocol.status(&status);
                 let len = status.len() as u64;
                 if let Some(message) = protocol.message(status) {
                     (frames, bytes) = (frames + 1, bytes + len);
