@@ -366,7 +366,10 @@ async fn least_connections_fills_the_emptiest_upstream() {
     for i in 0..100 {
         clients.push(connect(&gw, &format!("/feed?n={i}")).await);
     }
-    assert_eq!((a.open_connections(), b.open_connections()), (50, 50));
+    eventually("50 connections on each upstream", async || {
+        (a.open_connections(), b.open_connections()) == (50, 50)
+    })
+    .await;
 
     // Close 20 of a's clients; the next 20 all go to a.
     let on_a: Vec<usize> = a
@@ -393,7 +396,10 @@ async fn least_connections_fills_the_emptiest_upstream() {
     for i in 100..120 {
         clients.push(connect(&gw, &format!("/feed?n={i}")).await);
     }
-    assert_eq!((a.open_connections(), b.open_connections()), (50, 50));
+    eventually("50 connections on each upstream", async || {
+        (a.open_connections(), b.open_connections()) == (50, 50)
+    })
+    .await;
     gw.shutdown().await;
 }
 
@@ -412,7 +418,10 @@ async fn a_dead_upstream_closes_its_clients_with_1014_and_is_probed_back_in() {
     for _ in 0..4 {
         raw.push(RawClient::connect(gw.local_addr(), "/live").await);
     }
-    assert_eq!((a.open_connections(), b.open_connections()), (2, 2));
+    eventually("two connections on each upstream", async || {
+        (a.open_connections(), b.open_connections()) == (2, 2)
+    })
+    .await;
 
     let mut a = a;
     a.kill();
