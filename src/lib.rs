@@ -19,7 +19,7 @@
 //!   shared; each client's bounded [`fanout::Outbox`] with its slow-consumer policy.
 //! - [`auth`]: who a connection is, and [`auth::Policy`], the one authorisation point.
 //! - [`backends`]: the adapter contract and one folder per broker (`memory`, `mqtt`, `amqp`,
-//!   `kafka`), registered in [`backends::KINDS`].
+//!   `kafka`, and `websocket` for upstream WebSocket feeds), registered in [`backends::KINDS`].
 //! - [`routing`]: channel patterns, topic syntax, route templates and the ordered route table.
 //! - [`transform`]: payload formats between broker bytes and client frames (JSON, text, binary,
 //!   Protobuf from `.proto` files loaded at start-up) and JSON Schema checks.

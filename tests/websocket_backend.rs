@@ -171,6 +171,13 @@ async fn a_client_publish_arrives_on_the_topics_upstream_socket() {
         "a binary route publishes binary frames"
     );
 
+    // WebSocket messages have no headers.
+    let reply = ws
+        .request(json!({"type": "publish", "channel": format!("prices/{symbol}"), "payload": 1, "headers": {"x-trace": "1"}}))
+        .await;
+    assert_eq!(reply["code"], "unsupported", "{reply}");
+    assert_eq!(feed.received(&json_path).len(), 1, "nothing more was sent");
+
     // The upstream's messages are not echoes of the publish: nothing came back.
     ws.assert_no_message().await;
     gateway.shutdown().await;

@@ -338,9 +338,10 @@ async fn serve(
     let mut skipped: u64 = 0;
     // Writes are bounded so an upstream that stops reading cannot hold the reader forever.
     let write_wait = config.connect_timeout;
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Unbiased: a flood from the upstream must not starve the publishes waiting to go out.
     loop {
         tokio::select! {
-            biased;
             _ = link.cancel.cancelled() => {
                 let goodbye = CloseFrame { code: CloseCode::Away, reason: "".into() };
                 let _ = tokio::time::timeout(CLOSE_WAIT, upstream.close(Some(goodbye))).await;
@@ -430,6 +431,9 @@ fn read_error(error: tungstenite::Error, config: &WebsocketConfig) -> String {
             "the upstream sent a message beyond {} bytes (16 × max_message_size): {e}",
             config.hard_message_limit()
         ),
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => "the connection dropped without a close frame".to_string(),
         tungstenite::Error::Protocol(e) => {
             format!("the upstream broke the WebSocket protocol: {e}")
         }
