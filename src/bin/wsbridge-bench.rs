@@ -7,6 +7,11 @@
 //!
 //! Without `--url` it starts a gateway in-process (the embedded memory default, or `--config`).
 //! Traffic goes only to the address given or to 127.0.0.1, and every run stops by itself.
+//!
+//! With `--keys K` it measures conflation instead: one subscriber on a `latest_per_key` route
+//! reads at `--read-fraction` of the publish rate while the publisher streams over K channels (one
+//! per key); it prints the gateway's memory (in-process only), what the subscriber received, the
+//! conflated and dropped counts, and whether every key's last value arrived.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +60,28 @@ struct Args {
     /// How long to wait for the last messages after publishing stops.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// Conflation mode: publish over this many channels (keys) to one slow subscriber on a
+    /// `latest_per_key` route (the in-process gateway's default route in this mode).
+    #[arg(long)]
+    keys: Option<u64>,
+    /// Conflation mode: the subscriber reads at this fraction of `--rate` while the stream runs,
+    /// then as fast as it can.
+    #[arg(long, default_value_t = 0.1)]
+    read_fraction: f64,
 }
+
+/// The in-process gateway's configuration in conflation mode.
+const CONFLATION_CONFIG: &str = r##"
+[backends.local]
+type = "memory"
+
+[[routes]]
+channel = "#"
+backend = "local"
+topic = "#"
+allow = ["subscribe", "publish"]
+slow_consumer = "latest_per_key"
+"##;
 
 #[derive(Default)]
 struct Totals {
@@ -70,6 +96,12 @@ fn main() -> anyhow::Result<()> {
     if args.rate == 0 {
         bail!("--rate must be greater than zero");
     }
+    if args.keys == Some(0) {
+        bail!("--keys must be greater than zero");
+    }
+    if !(args.read_fraction > 0.0 && args.read_fraction <= 1.0) {
+        bail!("--read-fraction must be in (0, 1]");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -80,9 +112,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (url, gateway) = match &args.url {
         Some(url) => (url.clone(), None),
         None => {
-            let mut config = match &args.config {
-                Some(path) => wsbridge::Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
-                None => wsbridge::Config::embedded_default(),
+            let mut config = match (&args.config, args.keys) {
+                (Some(path), _) => {
+                    wsbridge::Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+                (None, Some(_)) => wsbridge::Config::from_toml(CONFLATION_CONFIG)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                (None, None) => wsbridge::Config::embedded_default(),
             };
             config.server.listen = "127.0.0.1:0".parse()?;
             // The benchmark is one client publishing fast to many sockets from one address.
@@ -108,6 +144,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_default()
         )
     });
+
+    if let Some(keys) = args.keys {
+        conflation(&url, &channel, keys, &args, gateway.is_some()).await?;
+        if let Some(gw) = gateway {
+            gw.shutdown().await;
+        }
+        return Ok(());
+    }
 
     let epoch = Instant::now();
     let totals = Arc::new(Totals::default());
@@ -339,4 +383,230 @@ async fn publish(
         failed: failed.load(Ordering::Relaxed),
         ack_span: last_ack.saturating_sub(start),
     })
+}
+
+/// The process's resident set size in KiB (Linux), from /proc/self/status.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// What the slow subscriber of the conflation mode saw.
+#[derive(Default)]
+struct Conflated {
+    received: u64,
+    conflated: u64,
+    dropped: u64,
+    /// The newest round received per key.
+    newest: Vec<Option<u64>>,
+}
+
+/// Conflation mode: a fast stream over `keys` channels under `base`, one subscriber reading at a
+/// fraction of its rate.
+async fn conflation(
+    url: &str,
+    base: &str,
+    keys: u64,
+    args: &Args,
+    in_process: bool,
+) -> anyhow::Result<()> {
+    let ws = subscriber(url.to_owned(), format!("{base}/#")).await?;
+    let rounds = ((args.rate as f64 * args.duration.as_secs_f64()) as u64).div_ceil(keys);
+    let total = rounds * keys;
+    println!(
+        "1 subscriber on {base}/#, reading at {} of {} msg/s over {keys} keys for {} ({rounds} rounds)",
+        args.read_fraction,
+        args.rate,
+        humantime::format_duration(args.duration)
+    );
+
+    // The gateway's memory over the run, sampled every 100 ms.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let rss = in_process.then(|| {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !sampling.is_cancelled() {
+                samples.extend(rss_kib());
+                tokio::select! {
+                    _ = sampling.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            samples.extend(rss_kib());
+            samples
+        })
+    });
+
+    let streaming = tokio_util::sync::CancellationToken::new();
+    let read_interval = Duration::from_secs_f64(1.0 / (args.rate as f64 * args.read_fraction));
+    let reader = tokio::spawn(read_slowly(
+        ws,
+        keys,
+        rounds - 1,
+        read_interval,
+        streaming.clone(),
+        args.duration + args.drain + Duration::from_secs(2),
+    ));
+
+    let started = Instant::now();
+    let published = publish_keys(url, base, keys, rounds, args).await?;
+    let stream_time = started.elapsed();
+    streaming.cancel();
+    let seen = reader.await?;
+    let after_stop = started.elapsed().saturating_sub(stream_time);
+    sampling.cancel();
+
+    let last_arrived = seen
+        .newest
+        .iter()
+        .filter(|n| **n == Some(rounds - 1))
+        .count();
+    println!(
+        "published:     {published} of {total} in {:.2}s",
+        stream_time.as_secs_f64()
+    );
+    println!(
+        "received:      {} ({:.1}% of published)",
+        seen.received,
+        100.0 * seen.received as f64 / published.max(1) as f64
+    );
+    println!(
+        "reported:      {} conflated, {} dropped; received + conflated + dropped = {}",
+        seen.conflated,
+        seen.dropped,
+        seen.received + seen.conflated + seen.dropped
+    );
+    println!(
+        "last values:   {last_arrived} of {keys} keys got their last value ({:.2}s after the stream stopped)",
+        after_stop.as_secs_f64()
+    );
+    if let Some(rss) = rss {
+        let samples = rss.await?;
+        let (first, last) = (
+            samples.first().copied().unwrap_or(0),
+            samples.last().copied().unwrap_or(0),
+        );
+        let max = samples.iter().copied().max().unwrap_or(0);
+        println!(
+            "gateway RSS:   start {:.1} MiB, max {:.1} MiB, end {:.1} MiB (whole process: gateway and clients)",
+            first as f64 / 1024.0,
+            max as f64 / 1024.0,
+            last as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
+
+/// Reads one frame per `interval` while `streaming`, then as fast as frames come, until every key
+/// got round `last` or the time limit passes.
+async fn read_slowly(
+    mut ws: Ws,
+    keys: u64,
+    last: u64,
+    interval: Duration,
+    streaming: tokio_util::sync::CancellationToken,
+    limit: Duration,
+) -> Conflated {
+    let deadline = Instant::now() + limit;
+    let mut seen = Conflated {
+        newest: vec![None; keys as usize],
+        ..Conflated::default()
+    };
+    let mut complete = 0;
+    let mut next_read = Instant::now();
+    while complete < keys {
+        if !streaming.is_cancelled() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_read) => {}
+                _ = streaming.cancelled() => {}
+            }
+            next_read += interval;
+        }
+        let next = tokio::time::timeout_at(deadline, ws.next()).await;
+        let Ok(Some(Ok(message))) = next else {
+            break;
+        };
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let text = text.as_str();
+        if text.contains("\"type\":\"status\"") {
+            let count = number_after(text, "\"count\":").unwrap_or(0);
+            if text.contains("messages_conflated") {
+                seen.conflated += count;
+            } else if text.contains("messages_dropped") {
+                seen.dropped += count;
+            }
+            continue;
+        }
+        if !text.starts_with("{\"type\":\"message\"") {
+            continue;
+        }
+        seen.received += 1;
+        let key = number_after(text, "\"slot\":").unwrap_or(0);
+        let round = number_after(text, "\"round\":").unwrap_or(0);
+        if let Some(newest) = seen.newest.get_mut(key as usize) {
+            if round == last && *newest != Some(last) {
+                complete += 1;
+            }
+            *newest = Some(round);
+        }
+    }
+    let _ = ws.close(None).await;
+    seen
+}
+
+/// Publishes `rounds` rounds over `keys` channels under `base` at `--rate`; returns how many
+/// were acknowledged.
+async fn publish_keys(
+    url: &str,
+    base: &str,
+    keys: u64,
+    rounds: u64,
+    args: &Args,
+) -> anyhow::Result<u64> {
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+    let (mut sink, mut stream) = ws.split();
+    let total = rounds * keys;
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < total {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) if text.starts_with("{\"type\":\"ok\"") => acked += 1,
+                Some(Ok(Message::Text(text))) if text.starts_with("{\"type\":\"error\"") => {
+                    eprintln!("publish failed: {text}");
+                    acked += 1;
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        acked
+    });
+    let padding = "x".repeat(args.payload_size);
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let start = Instant::now();
+    let mut seq = 0u64;
+    for round in 0..rounds {
+        for key in 0..keys {
+            let intended = start + interval.mul_f64(seq as f64);
+            if Instant::now() < intended {
+                sink.flush().await?;
+                tokio::time::sleep_until(intended).await;
+            }
+            let channel = serde_json::to_string(&format!("{base}/k{key}"))?;
+            let frame = format!(
+                r#"{{"type":"publish","id":{seq},"channel":{channel},"payload":{{"slot":{key},"round":{round},"pad":"{padding}"}}}}"#
+            );
+            sink.feed(Message::Text(frame.into())).await?;
+            seq += 1;
+        }
+    }
+    sink.flush().await?;
+    let acked = tokio::time::timeout(args.drain, acks)
+        .await
+        .map_or(0, |a| a.unwrap_or(0));
+    Ok(acked)
 }
