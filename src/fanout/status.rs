@@ -3,8 +3,8 @@
 /// A `status` event. Edges render it in their own format.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
-    /// What happened: `backend_down`, `backend_up`, `messages_dropped`, `gap`, `decode_error`,
-    /// `subscription_revoked`, `shutting_down`.
+    /// What happened: `backend_down`, `backend_up`, `messages_dropped`, `messages_conflated`,
+    /// `gap`, `decode_error`, `subscription_revoked`, `shutting_down`.
     pub code: &'static str,
     /// For humans.
     pub message: String,
@@ -12,7 +12,7 @@ pub struct Status {
     pub backend: Option<String>,
     /// The client's subscriptions (patterns) the event concerns.
     pub subscriptions: Vec<String>,
-    /// How many messages (`messages_dropped`).
+    /// How many messages (`messages_dropped`, `messages_conflated`).
     pub count: Option<u64>,
     /// Where a log no longer holds requested messages (`gap`).
     pub partition: Option<i32>,
