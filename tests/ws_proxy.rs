@@ -424,7 +424,7 @@ async fn a_dead_upstream_closes_its_clients_with_1014_and_is_probed_back_in() {
     .await;
 
     let mut a = a;
-    a.kill();
+    a.kill().await;
     // The two clients of the dead upstream are closed with 1014; b's stay open.
     let mut closes: futures_util::stream::FuturesUnordered<_> =
         raw.iter_mut().map(|client| client.close()).collect();
@@ -705,5 +705,41 @@ async fn the_admin_api_lists_a_pair_and_closes_both_sides() {
         (4002, "closed by administrator".into())
     );
     assert_eq!(upstream_close(&upstream).await.0, 1001);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_health_check_a_trial_connect_after_the_cooldown_brings_an_upstream_back() {
+    let mut upstream = WsUpstream::start(&[]).await;
+    let url = upstream.url("/solo");
+    let gw = start(&config(&proxy(
+        "/solo",
+        std::slice::from_ref(&url),
+        "max_failures = 1\ncooldown = \"300ms\"",
+    )))
+    .await;
+    upstream.kill().await;
+    let failures =
+        format!("wsbridge_proxy_connect_failures_total{{proxy=\"/solo\",upstream=\"{url}\"}}");
+    let (status, _) = try_connect(request(&gw, "/solo")).await.unwrap_err();
+    assert_eq!(status, 502);
+    assert!(metrics_text(&gw).await.contains(&format!("{failures} 1")));
+    // Out: refused without a connect until the cooldown has passed.
+    let (status, _) = try_connect(request(&gw, "/solo")).await.unwrap_err();
+    assert_eq!(status, 502);
+
+    upstream.restart().await;
+    let mut connected = None;
+    eventually("a trial connect gets through", async || {
+        connected = try_connect(request(&gw, "/solo")).await.ok();
+        connected.is_some()
+    })
+    .await;
+    let (mut ws, _) = connected.unwrap();
+    ws.send(Message::Text("again".into())).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::Text("again".into()));
+    assert!(metrics_text(&gw).await.contains(&format!(
+        "wsbridge_proxy_upstream_up{{proxy=\"/solo\",upstream=\"{url}\"}} 1"
+    )));
     gw.shutdown().await;
 }

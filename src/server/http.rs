@@ -577,7 +577,7 @@ async fn proxy_upgrade(
     let upstream = match route.connect(&handshake).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            tracing::warn!(peer = %peer.addr, proxy = route.path(), error = %e, "refused: no upstream");
+            tracing::info!(peer = %peer.addr, proxy = route.path(), error = %e, "refused: no upstream");
             return refuse(
                 "bad_gateway",
                 format!("no upstream of {} could be reached", route.path()),

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderMap, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The `User-Agent` of the gateway's health probes.
 const PROBE_USER_AGENT: &str = "wsbridge-health-check";
@@ -42,6 +43,8 @@ pub struct WsUpstream {
     addr: SocketAddr,
     shared: Arc<Shared>,
     kill: CancellationToken,
+    /// The listener and every connection task.
+    tasks: TaskTracker,
 }
 
 impl WsUpstream {
@@ -60,6 +63,7 @@ impl WsUpstream {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             shared,
             kill: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         };
         upstream.listen().await;
         upstream
@@ -72,11 +76,14 @@ impl WsUpstream {
         let listener: TcpListener = socket.listen(128).unwrap();
         self.addr = listener.local_addr().unwrap();
         self.kill = CancellationToken::new();
+        self.tasks = TaskTracker::new();
         let kill = self.kill.clone();
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
             loop {
                 let stream = tokio::select! {
+                    biased;
                     _ = kill.cancelled() => return,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
@@ -85,7 +92,7 @@ impl WsUpstream {
                 };
                 let shared = shared.clone();
                 let kill = kill.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     tokio::select! {
                         _ = kill.cancelled() => {}
                         _ = serve(stream, shared.clone()) => {}
@@ -128,9 +135,12 @@ impl WsUpstream {
             .collect()
     }
 
-    /// Drops every socket and the listener at once, without close frames.
-    pub fn kill(&self) {
+    /// Drops every socket and the listener at once, without close frames; returns when they
+    /// are gone.
+    pub async fn kill(&self) {
         self.kill.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Listens again on the same port.

@@ -15,7 +15,6 @@ pub mod connect;
 pub mod pool;
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -476,7 +475,6 @@ where
     R: Stream<Item = Result<UpstreamMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
     W: Sink<ClientMessage> + Unpin,
 {
-    let mut upstream = pin!(upstream);
     loop {
         let message = match upstream.next().await {
             None | Some(Err(_)) => return End::UpstreamGone,

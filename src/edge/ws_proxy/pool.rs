@@ -240,12 +240,12 @@ impl UpstreamPool {
     ) -> Result<Connected, NoUpstream> {
         let mut last = None;
         for upstream in self.candidates() {
-            if !self.admit(&upstream, Instant::now()) {
-                continue;
-            }
             let Some(request) = request_for(&upstream.url) else {
                 continue;
             };
+            if !self.admit(&upstream, Instant::now()) {
+                continue;
+            }
             let lease = UpstreamLease::new(upstream.clone());
             match connect::open(
                 &upstream.url,
