@@ -353,6 +353,51 @@ async fn a_huge_upstream_message_is_skipped_without_hurting_the_others() {
 }
 
 #[tokio::test]
+async fn a_silent_upstream_is_reopened_after_two_ping_intervals() {
+    let feed = WsFeed::start().await;
+    let gateway = start(&config(&feed, "ping_interval = \"1s\"")).await;
+    let symbol = unique("s");
+    let path = format!("/stream/{symbol}");
+    let mut ws = Client::connect(gateway.local_addr()).await;
+    ws.subscribe(&format!("prices/{symbol}")).await;
+
+    feed.mute(&path);
+    let down = ws.next_of("status").await;
+    assert_eq!(down["code"], "backend_down", "{down}");
+    assert!(
+        down["message"]
+            .as_str()
+            .unwrap()
+            .contains("not even a pong"),
+        "{down}"
+    );
+    let up = ws.next_of("status").await;
+    assert_eq!(up["code"], "backend_up", "{up}");
+    assert_eq!(feed.accepted(&path), 2, "a new connection");
+    // The silent connection hears nothing; the new one delivers.
+    feed.send(&path, text("\"again\""));
+    assert_eq!(ws.next_message().await["payload"], "again");
+    ws.assert_no_message().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutting_down_closes_the_upstream_connections_with_1001() {
+    let feed = WsFeed::start().await;
+    let gateway = start(&config(&feed, "")).await;
+    let symbol = unique("s");
+    let path = format!("/stream/{symbol}");
+    let mut ws = Client::connect(gateway.local_addr()).await;
+    ws.subscribe(&format!("prices/{symbol}")).await;
+    gateway.shutdown().await;
+    eventually("the upstream gets a close frame", async || {
+        feed.close_codes(&path) == [1001]
+    })
+    .await;
+    assert_eq!(feed.connections(&path), 0);
+}
+
+#[tokio::test]
 async fn static_headers_and_subprotocols_are_sent_upstream() {
     let feed = WsFeed::start().await;
     let extra =

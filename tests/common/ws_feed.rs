@@ -15,15 +15,24 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+/// What a connection's task is told to do.
+enum Command {
+    Send(Message),
+    /// Stop reading (so pings go unanswered) and writing, keeping the socket open.
+    Mute,
+}
+
 #[derive(Default)]
 struct Path {
-    /// Open connections, each with the queue its writer drains.
-    open: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    /// Open connections, each with the queue of its task.
+    open: HashMap<u64, mpsc::UnboundedSender<Command>>,
     /// Connections ever accepted on the path.
     accepted: usize,
     received: Vec<Message>,
     /// Request headers of the latest connection.
     headers: Vec<(String, String)>,
+    /// Close codes received, in order.
+    closes: Vec<u16>,
 }
 
 #[derive(Default)]
@@ -109,8 +118,29 @@ impl WsFeed {
         };
         p.open
             .values()
-            .filter(|tx| tx.send(message.clone()).is_ok())
+            .filter(|tx| tx.send(Command::Send(message.clone())).is_ok())
             .count()
+    }
+
+    /// Makes every open connection of `path` go silent: nothing is read (pings go unanswered)
+    /// or sent on it any more, and its socket stays open.
+    pub fn mute(&self, path: &str) {
+        let state = self.state.lock().unwrap();
+        if let Some(p) = state.paths.get(path) {
+            for tx in p.open.values() {
+                let _ = tx.send(Command::Mute);
+            }
+        }
+    }
+
+    /// Close codes received on `path`, in order.
+    pub fn close_codes(&self, path: &str) -> Vec<u16> {
+        let state = self.state.lock().unwrap();
+        state
+            .paths
+            .get(path)
+            .map(|p| p.closes.clone())
+            .unwrap_or_default()
     }
 
     /// Text and binary messages received on `path`, in order.
@@ -172,9 +202,16 @@ impl Drop for WsFeed {
 // tungstenite's handshake callback returns its large error response type by value.
 #[allow(clippy::result_large_err)]
 async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = {
+        let mut state = state.lock().unwrap();
+        state.next_id += 1;
+        state.next_id
+    };
     let mut path = String::new();
-    let mut headers = Vec::new();
-    // Chooses the first subprotocol offered, as a feed that speaks them all would.
+    // Registers the connection before the handshake's answer goes out, so a client that has
+    // its answer finds the connection counted; chooses the first subprotocol offered, as a feed
+    // that speaks them all would.
     let callback = |request: &Request, mut response: Response| {
         if let Some(first) = request
             .headers()
@@ -188,7 +225,7 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
                 .insert("sec-websocket-protocol", first);
         }
         path = request.uri().path().to_owned();
-        headers = request
+        let headers = request
             .headers()
             .iter()
             .map(|(n, v)| {
@@ -198,30 +235,28 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
                 )
             })
             .collect();
-        Ok(response)
-    };
-    let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
-    let Ok(ws) =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
-    else {
-        return;
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = {
         let mut state = state.lock().unwrap();
-        state.next_id += 1;
-        let id = state.next_id;
         let entry = state.paths.entry(path.clone()).or_default();
         entry.open.insert(id, tx);
         entry.accepted += 1;
         entry.headers = headers;
-        id
+        Ok(response)
+    };
+    let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
+    let accepted =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
+    let Ok(ws) = accepted else {
+        if let Some(p) = state.lock().unwrap().paths.get_mut(&path) {
+            p.open.remove(&id);
+        }
+        return;
     };
     let (mut sink, mut source) = ws.split();
     loop {
         tokio::select! {
-            outgoing = rx.recv() => match outgoing {
-                Some(message) => if sink.send(message).await.is_err() { break },
+            command = rx.recv() => match command {
+                Some(Command::Send(message)) => if sink.send(message).await.is_err() { break },
+                Some(Command::Mute) => std::future::pending::<()>().await,
                 None => break,
             },
             incoming = source.next() => match incoming {
@@ -231,7 +266,11 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
                         p.received.push(message);
                     }
                 }
-                Some(Ok(Message::Close(_))) => {
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    if let Some(p) = state.lock().unwrap().paths.get_mut(&path) {
+                        p.closes.push(code);
+                    }
                     // Answer the close (tungstenite queues the reply), then stop.
                     let _ = sink.flush().await;
                     break;
