@@ -34,6 +34,13 @@ backend = "ticker"
 topic = "{{symbol}}"
 allow = ["subscribe", "publish"]
 
+# Another view of the same topics: quotes/BTC shares the connection of topic BTC.
+[[routes]]
+channel = "quotes/{{symbol}}"
+backend = "ticker"
+topic = "{{symbol}}"
+allow = ["subscribe"]
+
 # Raw bytes: raw/BTC <-> the connection of topic raw-BTC.
 [[routes]]
 channel = "raw/{{symbol}}"
@@ -102,6 +109,47 @@ async fn two_topics_are_two_connections_on_their_own_paths() {
     let m = ws.next_message().await;
     assert_eq!(m["channel"], format!("prices/{a}"));
     other.assert_no_message().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_routes_to_one_topic_share_its_connection() {
+    let feed = WsFeed::start().await;
+    let gateway = start(&config(&feed, "")).await;
+    let symbol = unique("s");
+    let path = format!("/stream/{symbol}");
+    let mut prices = Client::connect(gateway.local_addr()).await;
+    prices.subscribe(&format!("prices/{symbol}")).await;
+    let mut quotes = Client::connect(gateway.local_addr()).await;
+    quotes.subscribe(&format!("quotes/{symbol}")).await;
+    assert_eq!(feed.accepted(&path), 1, "one connection for both routes");
+
+    feed.send(&path, text("5"));
+    let m = prices.next_message().await;
+    assert_eq!(
+        (m["channel"].as_str(), m["payload"].as_i64()),
+        (Some(&*format!("prices/{symbol}")), Some(5))
+    );
+    let m = quotes.next_message().await;
+    assert_eq!(
+        (m["channel"].as_str(), m["payload"].as_i64()),
+        (Some(&*format!("quotes/{symbol}")), Some(5))
+    );
+
+    drop(prices);
+    feed.send(&path, text("6"));
+    assert_eq!(
+        quotes.next_message().await["payload"],
+        6,
+        "still open for the other route"
+    );
+    drop(quotes);
+    eventually(
+        "the connection closes with its last subscriber",
+        async || feed.connections(&path) == 0,
+    )
+    .await;
+    assert_eq!(feed.accepted(&path), 1);
     gateway.shutdown().await;
 }
 

@@ -416,3 +416,96 @@ impl Backend for WebsocketBackend {
         self.shared.refresh_health();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::adapter::{BrokerMessage, MessageSink, SubscriptionEvent};
+
+    struct Nowhere;
+
+    impl MessageSink for Nowhere {
+        fn deliver(&self, _: BrokerMessage) {}
+        fn event(&self, _: SubscriptionEvent) {}
+    }
+
+    fn shared() -> Shared {
+        let table = toml::toml! { url = "ws://h:1/s/{topic}" };
+        let mut problems = Vec::new();
+        let config = WebsocketConfig::parse(toml::Value::Table(table), "b", &mut problems)
+            .expect("valid settings");
+        Shared {
+            config: *config,
+            tls: None,
+            links: Mutex::new(Links::default()),
+            health: watch::Sender::new(Health::Up),
+            panics: prometheus::IntCounter::new("p", "p").unwrap(),
+        }
+    }
+
+    fn link(shared: &Shared, topic: &str, id: UpstreamId, state: LinkState) -> Arc<Link> {
+        let url = shared.config.topic_url(topic);
+        let (link, _) = Link::new(topic.into(), url, CancellationToken::new(), 1);
+        link.add_sink(id, Arc::new(Nowhere));
+        link.state.send_replace(state);
+        shared
+            .links()
+            .by_topic
+            .insert(topic.to_owned(), link.clone());
+        link
+    }
+
+    fn lost(reason: &str) -> LinkState {
+        LinkState::Connecting {
+            failures: 1,
+            was_open: true,
+            reason: Some(reason.into()),
+        }
+    }
+
+    #[test]
+    fn health_is_down_while_a_connected_topic_with_subscribers_is_not() {
+        let shared = shared();
+        link(&shared, "a", 1, LinkState::Open);
+        let first = LinkState::Connecting {
+            failures: 3,
+            was_open: false,
+            reason: Some("refused".into()),
+        };
+        let b = link(&shared, "b", 2, first);
+        shared.refresh_health();
+        assert!(
+            shared.health.borrow().is_up(),
+            "a first connection that fails is not an outage"
+        );
+
+        b.state.send_replace(lost("dropped"));
+        shared.refresh_health();
+        assert_eq!(
+            *shared.health.borrow(),
+            Health::Down {
+                reason: "topic \"b\" (ws://h:1/s/b): dropped".into()
+            }
+        );
+
+        for (topic, id) in [("c", 3), ("d", 4), ("e", 5)] {
+            link(&shared, topic, id, lost("refused"));
+        }
+        shared.refresh_health();
+        let Health::Down { reason } = shared.health.borrow().clone() else {
+            panic!("down")
+        };
+        assert!(
+            reason.starts_with("4 topics are not connected: topic \"b\"")
+                && reason.ends_with("; and 1 more"),
+            "{reason}"
+        );
+
+        // Topics nobody is subscribed to any more do not count.
+        for (topic, id) in [("b", 2), ("c", 3), ("d", 4), ("e", 5)] {
+            shared.links().by_topic[topic].remove_sink(id);
+        }
+        shared.refresh_health();
+        assert!(shared.health.borrow().is_up());
+    }
+}
