@@ -4,6 +4,10 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::ws_feed::WsFeed;
@@ -372,6 +376,60 @@ async fn a_wildcard_subscription_is_refused() {
         .await;
     assert_eq!(reply["type"], "error");
     assert_eq!(reply["code"], "unsupported_pattern", "{reply}");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_from_the_upstream_reaches_a_healthy_client_while_another_never_reads() {
+    let feed = WsFeed::start().await;
+    let gateway = start(&format!(
+        "[server]\nqueue_capacity = 64\n{}",
+        config(&feed, "")
+    ))
+    .await;
+    let symbol = unique("s");
+    let path = format!("/stream/{symbol}");
+    let mut stalled = Client::connect(gateway.local_addr()).await;
+    stalled.subscribe(&format!("prices/{symbol}")).await;
+    let mut healthy = Client::connect(gateway.local_addr()).await;
+    healthy.subscribe(&format!("prices/{symbol}")).await;
+
+    // 4000 messages of 4 KiB (16 MB) are far more than socket buffers and the queue hold.
+    let total: u64 = 4000;
+    let received = Arc::new(AtomicU64::new(0));
+    let progress = received.clone();
+    let reader = tokio::spawn(async move {
+        for seq in 0..total {
+            let m = healthy.next_message().await;
+            assert_eq!(
+                m["payload"]["seq"], seq,
+                "the healthy client gets every message in order"
+            );
+            progress.store(seq + 1, Ordering::Relaxed);
+        }
+    });
+    let pad = "x".repeat(4096);
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    for seq in 0..total {
+        // Never more than 64 ahead of the healthy client, so only the stalled one falls behind.
+        while received.load(Ordering::Relaxed) + 64 < seq {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the healthy client stopped reading"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        feed.send(&path, text(&json!({"seq": seq, "pad": pad}).to_string()));
+    }
+    reader.await.expect("healthy reader finished");
+
+    let status = stalled.next_of("status").await;
+    assert_eq!(status["code"], "messages_dropped", "{status}");
+    assert_eq!(
+        feed.accepted(&path),
+        1,
+        "the upstream connection was never dropped"
+    );
     gateway.shutdown().await;
 }
 
