@@ -13,7 +13,8 @@
 //!   ([`server::admin`]) has a listener of its own.
 //! - [`edge`]: client edges. The WebSocket session ([`edge::ws`]) with its two client protocols,
 //!   [`edge::json`] and [`edge::protobuf`]; Server-Sent Events ([`edge::sse`]) and HTTP publish
-//!   ([`edge::http_publish`]); the registry of open connections ([`edge::connections`]).
+//!   ([`edge::http_publish`]); the registry of open connections ([`edge::connections`]); proxy
+//!   routes ([`edge::ws_proxy`]), which relay a client's frames to an upstream WebSocket service.
 //! - [`fanout`]: the core. One upstream subscription per distinct topic filter, shared by every
 //!   socket on it; each broker message encoded once per edge [`fanout::Encoding`] and the frame
 //!   shared; each client's bounded [`fanout::Outbox`] with its slow-consumer policy.
