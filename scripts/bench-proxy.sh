@@ -101,7 +101,7 @@ wait_listening() {
   return 1
 }
 
-declare -A url=()
+declare -A url=() relay_pids=()
 
 echo_port=$(free_port)
 "$bin/wsbridge-relay-bench" echo-server --listen "127.0.0.1:$echo_port" 2>"$work/echo.log" &
@@ -138,6 +138,7 @@ EOF
     "$bin/wsbridge" run --config "$work/wsbridge.toml" >"$work/wsbridge.log" 2>&1 &
     pids+=($!)
     wait_listening wsbridge "${pids[-1]}" "$gateway_port"
+    relay_pids[wsbridge]=${pids[-1]}
     url[wsbridge]="ws://127.0.0.1:$gateway_port/echo"
   else
     echo "skipping wsbridge: this build does not accept the [[proxies]] route:" >&2
@@ -183,6 +184,14 @@ EOF
     "$nginx" -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>"$work/nginx/stderr.log" &
     pids+=($!)
     wait_listening nginx "${pids[-1]}" "$nginx_port"
+    # The master and its workers (forked once it listens).
+    workers=""
+    for _ in $(seq 50); do
+      workers=$(ps -o pid= --ppid "${pids[-1]}" | tr '\n' ' ' || true)
+      if [ -n "${workers// /}" ]; then break; fi
+      sleep 0.1
+    done
+    relay_pids[nginx]="${pids[-1]} $workers"
     url[nginx]="ws://127.0.0.1:$nginx_port/echo"
   else
     echo "skipping nginx: not installed (scripts/setup/70-nginx.sh installs it)" >&2
@@ -196,14 +205,32 @@ for path in direct wsbridge nginx; do
   fi
 done
 
+# CPU time (user + system, in clock ticks) the processes have used so far.
+cpu_ticks() {
+  local pid total=0
+  for pid in "$@"; do
+    if [ -r "/proc/$pid/stat" ]; then
+      # utime and stime are fields 14 and 15; the command name before them may contain spaces.
+      total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+    fi
+  done
+  echo "$total"
+}
+ticks_per_s=$(getconf CLK_TCK)
+
 # One run; appends its JSON line (with the path and the kind of run) to the results.
 measure() {
-  local path=$1 kind=$2 clients=$3 rate=$4 duration=$5 line
+  local path=$1 kind=$2 clients=$3 rate=$4 duration=$5 line before cpu
   echo "  $path: $clients clients, $rate msg/s for $duration" >&2
+  # shellcheck disable=SC2086 # a list of PIDs
+  before=$(cpu_ticks ${relay_pids[$path]:-})
   if line=$("$bin/wsbridge-relay-bench" run --url "${url[$path]}" -n "$clients" --rate "$rate" \
     --duration "$duration" --drain "$DRAIN" --payload-size "$PAYLOAD" --json 2>"$work/run.err"); then
+    # shellcheck disable=SC2086
+    cpu=$(($(cpu_ticks ${relay_pids[$path]:-}) - before))
     jq -c --arg path "$path" --arg kind "$kind" --argjson max "$MAX_P99_MS" \
-      '. + {path: $path, kind: $kind, pass: (.lost == 0 and .sent == .scheduled
+      --argjson cpu "$cpu" --argjson hz "$ticks_per_s" \
+      '. + {path: $path, kind: $kind, relay_cpu_s: ($cpu / $hz), pass: (.lost == 0 and .sent == .scheduled
         and .failed_connections == 0 and .p99_ms <= $max)}' <<<"$line" >>"$results"
   else
     jq -nc --arg path "$path" --arg kind "$kind" --argjson clients "$clients" \
@@ -267,13 +294,13 @@ echo "done; load average $(cut -d ' ' -f 1-3 /proc/loadavg)" >&2
 thousands() { sed ':a;s/\B[0-9]\{3\}\>/,&/;ta' <<<"$1"; }
 cell() { jq -r "$1" <<<"$2"; }
 echo
-echo "| clients | offered msg/s | path | echoes/s | lost | p50 ms | p99 ms | added p50 / p99 ms | passes |"
-echo "|---:|---:|---|---:|---:|---:|---:|---:|:---:|"
+echo "| clients | offered msg/s | path | echoes/s | lost | p50 ms | p99 ms | added p50 / p99 ms | relay CPU µs/echo | passes |"
+echo "|---:|---:|---|---:|---:|---:|---:|---:|---:|:---:|"
 row() {
-  local label=$1 r=$2 direct=$3 path echoes lost p50 p99 added pass
+  local label=$1 r=$2 direct=$3 path echoes lost p50 p99 added cpu pass
   path=$(cell .path "$r")
   if [ "$(cell '.error // empty' "$r")" != "" ]; then
-    echo "| $(cell .clients "$r") | $label | $path | failed: $(cell .error "$r") | | | | | no |"
+    echo "| $(cell .clients "$r") | $label | $path | failed: $(cell .error "$r") | | | | | | no |"
     return
   fi
   echoes=$(thousands "$(cell '.echoes_per_s | round' "$r")")
@@ -286,9 +313,13 @@ row() {
       "$(jq -rn --argjson a "$r" --argjson d "$direct" '$a.p50_ms - $d.p50_ms')" \
       "$(jq -rn --argjson a "$r" --argjson d "$direct" '$a.p99_ms - $d.p99_ms')")
   fi
+  cpu="—"
+  if [ "$path" != direct ]; then
+    cpu=$(printf '%.1f' "$(cell '.relay_cpu_s * 1e6 / ([.echoed, 1] | max)' "$r")")
+  fi
   pass=no
   if [ "$(cell .pass "$r")" = true ]; then pass=yes; fi
-  echo "| $(cell .clients "$r") | $label | $path | $echoes | $lost | $p50 | $p99 | $added | $pass |"
+  echo "| $(cell .clients "$r") | $label | $path | $echoes | $lost | $p50 | $p99 | $added | $cpu | $pass |"
 }
 for clients in $CLIENTS; do
   for rate in $RATES; do
@@ -310,7 +341,7 @@ for clients in $CLIENTS; do
       if [ "$(cell .from "$r")" = search ]; then from=" ($SEARCH_DURATION run)"; fi
       row "highest passing: $(thousands "$(cell .rate "$r")")$from" "$r" ""
     else
-      echo "| $clients | highest passing: none | $path | | | | | | no |"
+      echo "| $clients | highest passing: none | $path | | | | | | | no |"
     fi
   done
 done
