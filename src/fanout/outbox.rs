@@ -347,6 +347,18 @@ pub struct Drained {
 }
 
 impl Drained {
+    /// Resolves when [`Drained::next_due`] comes, and never without one. It makes no timer until
+    /// polled, so a writer can select on it every round at no cost.
+    pub fn due(&self) -> impl Future<Output = ()> + use<> {
+        let at = self.next_due;
+        async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// The status events this drain owes the client: `messages_dropped` and
     /// `messages_conflated`, each with its count, when there is something to report.
     pub fn statuses(&self) -> impl Iterator<Item = Status> + use<> {

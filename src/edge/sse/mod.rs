@@ -261,7 +261,6 @@ pub async fn run(
     loop {
         let mut end: Option<&str> = None;
         let mut beat = false;
-        let due = drained.next_due.map(Instant::from_std);
         tokio::select! {
             biased;
             _ = body.closed() => break,
@@ -281,7 +280,7 @@ pub async fn run(
             _ = outbox.ready() => {}
             _ = keepalive.tick() => beat = true,
             // Only a stream with messages held back by a route's `max_rate` has this timer.
-            _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+            _ = drained.due() => {}
         }
         outbox.drain(&mut drained);
         let mut frames = drained.items.len() as u64;

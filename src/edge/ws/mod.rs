@@ -616,13 +616,12 @@ async fn write_loop<W>(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut send_ping = false;
-        // Only a connection with messages held back by a route's `max_rate` has this timer.
-        let due = drained.next_due.map(Instant::from_std);
         tokio::select! {
             _ = done.cancelled() => return,
             _ = outbox.ready() => {}
             _ = ping.tick() => send_ping = true,
-            _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+            // Only a connection with messages held back by a route's `max_rate` has this timer.
+            _ = drained.due() => {}
         }
         outbox.drain(&mut drained);
         let close = drained.close.take();
