@@ -7,8 +7,8 @@
 #
 # For each path and each client count it runs every rate of the grid, then searches for the
 # highest rate that still passes (no message lost, p99 at most MAX_P99_MS). With the defaults it
-# takes about 9 minutes (36 runs) once the binaries are built. Release binaries are built into target/bench-release so
-# the debug target stays free. Every process it starts listens on 127.0.0.1 only and is stopped
+# takes 7 to 9 minutes (at most 36 runs) once the binaries are built. Release binaries are built
+# into target/bench-release so the debug target stays free. Every process it starts listens on 127.0.0.1 only and is stopped
 # when the script exits, however it exits.
 #
 # Settings (environment):
@@ -225,7 +225,8 @@ measure() {
   # shellcheck disable=SC2086 # a list of PIDs
   before=$(cpu_ticks ${relay_pids[$path]:-})
   if line=$("$bin/wsbridge-relay-bench" run --url "${url[$path]}" -n "$clients" --rate "$rate" \
-    --duration "$duration" --drain "$DRAIN" --payload-size "$PAYLOAD" --json 2>"$work/run.err"); then
+    --duration "$duration" --drain "$DRAIN" --payload-size "$PAYLOAD" --connect-timeout 10s \
+    --json 2>"$work/run.err"); then
     # shellcheck disable=SC2086
     cpu=$(($(cpu_ticks ${relay_pids[$path]:-}) - before))
     jq -c --arg path "$path" --arg kind "$kind" --argjson max "$MAX_P99_MS" \
