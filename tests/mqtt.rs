@@ -652,10 +652,15 @@ async fn messages_published_while_the_connection_was_down(backend_extra: &str) -
 
 #[tokio::test]
 async fn a_persistent_session_delivers_what_the_broker_queued_while_the_connection_was_down() {
-    let received = messages_published_while_the_connection_was_down(
+    let mut received = messages_published_while_the_connection_was_down(
         "persistent_session = true\nsession_expiry = \"60s\"",
     )
     .await;
+    // QoS 1 is at least once: when the cut came before the gateway's PUBACK reached the
+    // broker, the broker sends the last message before the cut again on resumption.
+    if received.first().is_some_and(|p| p == "before") {
+        received.remove(0);
+    }
     assert_eq!(
         received,
         [
