@@ -1,7 +1,8 @@
 //! Latest-value conflation: `slow_consumer = "latest_per_key"` and `max_rate`, over real
-//! sockets, on the memory backend and through Mosquitto.
+//! sockets, on the memory backend and through Mosquitto and a Kafka-protocol broker.
 
 mod common;
+mod kafka_support;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -70,6 +71,16 @@ impl Received {
 /// Reads until the message with `seq == last` arrived on every one of `channels`, checking that
 /// each channel's values arrive in order.
 async fn read_until_last(client: &mut Client, channels: &[String], last: u64) -> Received {
+    read_until_last_by(client, "channel", channels, last).await
+}
+
+/// [`read_until_last`] for messages told apart by their frame's field `by` (`channel`, `key`).
+async fn read_until_last_by(
+    client: &mut Client,
+    by: &str,
+    channels: &[String],
+    last: u64,
+) -> Received {
     let mut received = Received::default();
     let mut newest: HashMap<String, u64> = HashMap::new();
     let done =
@@ -78,7 +89,7 @@ async fn read_until_last(client: &mut Client, channels: &[String], last: u64) ->
         let frame: Value = client.recv().await;
         match frame["type"].as_str() {
             Some("message") => {
-                let channel = frame["channel"].as_str().unwrap().to_owned();
+                let channel = frame[by].as_str().unwrap().to_owned();
                 let seq = frame["payload"]["seq"].as_u64().unwrap();
                 if let Some(before) = newest.get(&channel) {
                     assert!(*before < seq, "{channel}: {seq} after {before}");
@@ -307,6 +318,59 @@ async fn through_mosquitto_one_topic_per_key_is_paced_to_its_latest_value() {
     assert_eq!(
         received.total() + received.conflated,
         rounds * channels.len() as u64,
+        "every message was delivered or counted as replaced: {received:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn through_kafka_each_key_of_a_channel_is_paced_to_its_latest_value() {
+    let topic = unique("wsb-conf-");
+    kafka_support::create_topic(&topic, 1).await;
+    let gw = start(&format!(
+        r#"
+        [limits]
+        publish_per_second = 0
+        publish_bytes_per_second = 0
+        [backends.events]
+        type = "kafka"
+        brokers = "{}"
+        [[routes]]
+        channel = "readings/{{name}}"
+        backend = "events"
+        topic = "{{name}}"
+        allow = ["subscribe", "publish"]
+        slow_consumer = "latest_per_key"
+        max_rate = 5
+        "#,
+        kafka_support::brokers()
+    ))
+    .await;
+    let addr = gw.local_addr();
+    let channel = format!("readings/{topic}");
+    let keys: Vec<String> = (0..3).map(|k| format!("sensor-{k}")).collect();
+    let rounds = 30;
+    let mut publisher = Client::connect(addr).await;
+    for seq in 0..rounds {
+        for key in &keys {
+            let reply = publisher
+                .request(json!({"type": "publish", "channel": channel, "key": key,
+                                "payload": {"seq": seq}}))
+                .await;
+            assert_eq!(reply["type"], "ok", "{reply}");
+        }
+    }
+    // A replay of the whole topic: one channel, three keys, each paced to its latest value.
+    let mut client = Client::connect(addr).await;
+    let reply = client
+        .request(json!({"type": "subscribe", "channel": channel, "from": "earliest"}))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let received = read_until_last_by(&mut client, "key", &keys, rounds - 1).await;
+    assert!(received.conflated > 0, "{received:?}");
+    assert_eq!(
+        received.total() + received.conflated,
+        rounds * keys.len() as u64,
         "every message was delivered or counted as replaced: {received:?}"
     );
     gw.shutdown().await;
