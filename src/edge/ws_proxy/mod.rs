@@ -21,7 +21,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame as ClientCloseFrame, Message as ClientMessage};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -430,6 +430,16 @@ where
     drop(lease);
 }
 
+/// Most messages written before one flush: what a side sent in a burst goes out in one write.
+const MAX_BATCH: usize = 64;
+
+/// What the next already-arrived message of a stream is, without waiting for one.
+enum Ready<M> {
+    Message(M),
+    Nothing,
+    End(End),
+}
+
 async fn relay_to_upstream<R, W>(
     client: &mut R,
     upstream: &mut W,
@@ -441,26 +451,53 @@ where
     R: Stream<Item = Result<ClientMessage, axum::Error>> + Unpin,
     W: Sink<UpstreamMessage> + Unpin,
 {
+    let classify = |item: Option<Result<ClientMessage, axum::Error>>| match item {
+        None => Ready::End(End::ClientGone),
+        Some(Err(e)) if is_capacity_error(&e) => Ready::End(End::ClientTooBig),
+        Some(Err(_)) => Ready::End(End::ClientGone),
+        Some(Ok(ClientMessage::Close(frame))) => Ready::End(End::ClientClosed(frame)),
+        Some(Ok(message)) => Ready::Message(message),
+    };
     loop {
-        let message = match client.next().await {
-            None => return End::ClientGone,
-            Some(Err(e)) if is_capacity_error(&e) => return End::ClientTooBig,
-            Some(Err(_)) => return End::ClientGone,
-            Some(Ok(ClientMessage::Close(frame))) => return End::ClientClosed(frame),
-            Some(Ok(message)) => message,
+        let first = match classify(client.next().await) {
+            Ready::Message(message) => message,
+            Ready::End(end) => return end,
+            Ready::Nothing => continue,
         };
-        let data = matches!(message, ClientMessage::Text(_) | ClientMessage::Binary(_));
-        if data && rate.as_mut().is_some_and(|r| !r.allow(Instant::now())) {
-            return End::ClientTooFast;
-        }
-        let Some(message) = to_upstream(message) else {
-            continue;
+        // Everything the client has already sent goes out with one flush, under one timeout.
+        let mut ended = None;
+        let batch = async {
+            let mut next = Some(first);
+            let mut count = 0;
+            while let Some(message) = next.take() {
+                let data = matches!(message, ClientMessage::Text(_) | ClientMessage::Binary(_));
+                if data && rate.as_mut().is_some_and(|r| !r.allow(Instant::now())) {
+                    ended = Some(End::ClientTooFast);
+                    break;
+                }
+                if let Some(message) = to_upstream(message) {
+                    metrics.frames_to_upstream.inc();
+                    metrics.bytes_to_upstream.inc_by(payload_len(&message));
+                    upstream.feed(message).await?;
+                }
+                count += 1;
+                if count == MAX_BATCH {
+                    break;
+                }
+                match client.next().now_or_never().map_or(Ready::Nothing, classify) {
+                    Ready::Message(message) => next = Some(message),
+                    Ready::Nothing => {}
+                    Ready::End(end) => ended = Some(end),
+                }
+            }
+            upstream.flush().await
         };
-        metrics.frames_to_upstream.inc();
-        metrics.bytes_to_upstream.inc_by(payload_len(&message));
-        match tokio::time::timeout(write_timeout, upstream.send(message)).await {
+        match tokio::time::timeout(write_timeout, batch).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => return End::UpstreamGone,
+        }
+        if let Some(end) = ended {
+            return end;
         }
     }
 }
@@ -475,22 +512,48 @@ where
     R: Stream<Item = Result<UpstreamMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
     W: Sink<ClientMessage> + Unpin,
 {
+    let classify = |item: Option<Result<UpstreamMessage, _>>| match item {
+        None | Some(Err(_)) => Ready::End(End::UpstreamGone),
+        Some(Ok(UpstreamMessage::Close(frame))) => Ready::End(End::UpstreamClosed(frame)),
+        Some(Ok(message)) => Ready::Message(message),
+    };
     loop {
-        let message = match upstream.next().await {
-            None | Some(Err(_)) => return End::UpstreamGone,
-            Some(Ok(UpstreamMessage::Close(frame))) => return End::UpstreamClosed(frame),
-            Some(Ok(message)) => message,
+        let first = match classify(upstream.next().await) {
+            Ready::Message(message) => message,
+            Ready::End(end) => return end,
+            Ready::Nothing => continue,
         };
-        let bytes = payload_len(&message);
-        let Some(message) = to_client(message) else {
-            continue;
+        // Everything the upstream has already sent goes out with one flush, under one timeout.
+        let mut ended = None;
+        let batch = async {
+            let mut next = Some(first);
+            let mut count = 0;
+            while let Some(message) = next.take() {
+                let bytes = payload_len(&message);
+                if let Some(message) = to_client(message) {
+                    metrics.frames_to_client.inc();
+                    metrics.bytes_to_client.inc_by(bytes);
+                    client.feed(message).await?;
+                }
+                count += 1;
+                if count == MAX_BATCH {
+                    break;
+                }
+                match upstream.next().now_or_never().map_or(Ready::Nothing, classify) {
+                    Ready::Message(message) => next = Some(message),
+                    Ready::Nothing => {}
+                    Ready::End(end) => ended = Some(end),
+                }
+            }
+            client.flush().await
         };
-        metrics.frames_to_client.inc();
-        metrics.bytes_to_client.inc_by(bytes);
-        match tokio::time::timeout(write_timeout, client.send(message)).await {
+        match tokio::time::timeout(write_timeout, batch).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return End::ClientGone,
             Err(_) => return End::ClientStalled,
+        }
+        if let Some(end) = ended {
+            return end;
         }
     }
 }
