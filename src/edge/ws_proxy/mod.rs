@@ -484,7 +484,11 @@ where
                 if count == MAX_BATCH {
                     break;
                 }
-                match client.next().now_or_never().map_or(Ready::Nothing, classify) {
+                match client
+                    .next()
+                    .now_or_never()
+                    .map_or(Ready::Nothing, classify)
+                {
                     Ready::Message(message) => next = Some(message),
                     Ready::Nothing => {}
                     Ready::End(end) => ended = Some(end),
@@ -539,7 +543,11 @@ where
                 if count == MAX_BATCH {
                     break;
                 }
-                match upstream.next().now_or_never().map_or(Ready::Nothing, classify) {
+                match upstream
+                    .next()
+                    .now_or_never()
+                    .map_or(Ready::Nothing, classify)
+                {
                     Ready::Message(message) => next = Some(message),
                     Ready::Nothing => {}
                     Ready::End(end) => ended = Some(end),
