@@ -240,6 +240,22 @@ fn check_name(name: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Problems with the queue or stream a route reads: its name (`what` names it in messages), and
+/// for `direct_exchange`, a binding key the exchange would take literally (`label` says what is
+/// bound).
+fn log_problems(name: &str, what: &str, label: &str, direct_exchange: Option<&str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(message) = check_name(name, what) {
+        problems.push(message);
+    }
+    if let Some(exchange) = direct_exchange {
+        problems.push(format!(
+            "a {label} on the direct exchange {exchange:?} is bound with the route's topic, which must then have no placeholders or '#'"
+        ));
+    }
+    problems
+}
+
 /// The AMQP keys of a `[[routes]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RouteOptions {
@@ -251,6 +267,11 @@ pub struct RouteOptions {
     /// Consume this durable queue (shared with other consumers) instead of a private binding.
     #[serde(default)]
     pub queue: Option<String>,
+    /// Read this RabbitMQ stream (an append-only log bound to the route's exchange) instead of a
+    /// private binding: subscriptions may start from a past position and messages carry their
+    /// offset.
+    #[serde(default)]
+    pub stream: Option<String>,
     /// Refuse publishes that no queue receives; defaults to the backend's `mandatory`.
     #[serde(default)]
     pub mandatory: Option<bool>,
@@ -262,6 +283,7 @@ pub struct RouteSpec {
     pub exchange: String,
     pub kind: ExchangeType,
     pub queue: Option<String>,
+    pub stream: Option<String>,
     pub mandatory: bool,
     /// The widest binding key of the route's topic template: every placeholder level a `*`.
     pub binding_key: String,
@@ -357,35 +379,45 @@ impl AmqpConfig {
                 "a routing key is at most 255 bytes; this template is longer".into(),
             );
         }
-        match &options.queue {
-            Some(queue) => {
-                if let Err(message) = check_name(queue, "queue") {
+        let placeholders = binding_key.split('.').any(|l| l == "*" || l == "#");
+        // A work queue or stream is bound with the route's widest key, which a direct exchange
+        // takes literally.
+        let literal_binding =
+            (kind == ExchangeType::Direct && !options.exchange.is_empty() && placeholders)
+                .then_some(options.exchange.as_str());
+        match (&options.queue, &options.stream) {
+            (Some(_), Some(_)) => problem(
+                "stream",
+                "a route reads either a work queue (queue) or a stream (stream), not both".into(),
+            ),
+            (Some(queue), None) => {
+                for message in log_problems(queue, "queue", "work queue", literal_binding) {
                     problem("queue", message);
                 }
-                if kind == ExchangeType::Direct
-                    && !options.exchange.is_empty()
-                    && binding_key.split('.').any(|l| l == "*" || l == "#")
-                {
+            }
+            (None, Some(stream)) => {
+                for message in log_problems(stream, "stream", "stream", literal_binding) {
+                    problem("stream", message);
+                }
+                if options.exchange.is_empty() {
                     problem(
-                        "queue",
-                        format!(
-                            "a work queue on the direct exchange {:?} is bound with the route's topic, which must then have no placeholders or '#'",
-                            options.exchange
-                        ),
+                        "exchange",
+                        "a stream route publishes to its exchange, to which the stream is bound; the default exchange \"\" cannot be bound to: name one, e.g. exchange = \"amq.topic\"".into(),
                     );
                 }
             }
-            None if options.exchange.is_empty() && subscribes => problem(
+            (None, None) if options.exchange.is_empty() && subscribes => problem(
                 "exchange",
                 "the default exchange \"\" cannot be bound to; subscribe through a named exchange or set queue = \"...\"".into(),
             ),
-            None => {}
+            (None, None) => {}
         }
         (problems.len() == before).then(|| RouteSpec {
             mandatory: options.mandatory.unwrap_or(self.mandatory),
             exchange: options.exchange,
             kind,
             queue: options.queue,
+            stream: options.stream,
             binding_key,
         })
     }

@@ -45,6 +45,24 @@ pub fn to_broker_message(
     }
 }
 
+/// The header in which RabbitMQ gives each message of a stream its offset.
+pub const STREAM_OFFSET: &str = "x-stream-offset";
+
+/// A stream delivery's offset, from its `x-stream-offset` header.
+pub fn stream_offset(properties: &BasicProperties) -> Option<i64> {
+    let value = properties.headers().as_ref()?.inner().get(STREAM_OFFSET)?;
+    match *value {
+        AMQPValue::LongLongInt(v) => Some(v),
+        AMQPValue::LongInt(v) => Some(v.into()),
+        AMQPValue::LongUInt(v) => Some(v.into()),
+        AMQPValue::ShortInt(v) => Some(v.into()),
+        AMQPValue::ShortUInt(v) => Some(v.into()),
+        AMQPValue::ShortShortInt(v) => Some(v.into()),
+        AMQPValue::ShortShortUInt(v) => Some(v.into()),
+        _ => None,
+    }
+}
+
 /// Adds a header value in string form; values without one (tables, binary, void) are left out.
 fn push_header(headers: &mut Vec<(String, String)>, name: &str, value: &AMQPValue) {
     let text = match value {
@@ -200,6 +218,15 @@ mod tests {
         let long = "h".repeat(300);
         let e = publish_properties(&[(long, "v".into())]).unwrap_err();
         assert_eq!(e.code(), "invalid_frame");
+    }
+
+    #[test]
+    fn stream_offsets_are_read_from_their_header() {
+        let mut table = FieldTable::default();
+        table.insert(STREAM_OFFSET.into(), AMQPValue::LongLongInt(41));
+        let properties = BasicProperties::default().with_headers(table);
+        assert_eq!(stream_offset(&properties), Some(41));
+        assert_eq!(stream_offset(&BasicProperties::default()), None);
     }
 
     #[test]

@@ -25,6 +25,7 @@
 mod config;
 mod message;
 mod registry;
+mod stream;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +41,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, ConnectionStatus, Consumer, ErrorKind,
     Event, ExchangeKind,
@@ -50,13 +51,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::adapter::{
     Backend, BackendError, BackendSettings, BuildContext, Capabilities, Health, Kind, Publish,
-    contain,
-    PublishReceipt, Subscription, UpstreamId,
+    PublishReceipt, StartPosition, Subscription, UpstreamId, contain,
 };
 use crate::config::{ConfigProblem, RouteConfig};
 use crate::routing::TopicSyntax;
 pub use config::{AmqpConfig, ExchangeConfig, ExchangeType, RouteSpec};
 use registry::{Registry, Source};
+use stream::StreamReader;
 
 /// AMQP routing keys: `.`-separated words, `*` for one word, `#` for any number.
 pub const ROUTING_KEY: TopicSyntax = TopicSyntax {
@@ -83,7 +84,12 @@ impl BackendSettings for AmqpConfig {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        // Only stream routes keep positions, and the backend table does not know its routes:
+        // a `from` on any other route is refused by `subscribe`, with the reason.
+        Capabilities {
+            replay: true,
+            ..Capabilities::default()
+        }
     }
 
     fn check_route(&self, route: &RouteConfig, path: &str, problems: &mut Vec<ConfigProblem>) {
@@ -111,6 +117,8 @@ struct Shared {
     health: watch::Sender<Health>,
     /// Active upstreams; read for every delivery, so never held across an await.
     registry: RwLock<Registry>,
+    /// Upstreams on stream routes, each with a consumer of its own; never held across an await.
+    streams: std::sync::Mutex<HashMap<UpstreamId, Arc<StreamReader>>>,
     /// The live connection; `None` while disconnected. Serialises topology changes.
     session: tokio::sync::Mutex<Option<Session>>,
     /// The confirm-mode channel publishes share.
@@ -129,6 +137,8 @@ struct Session {
     queue: ShortString,
     /// Work-queue consumers, by queue name.
     work: HashMap<String, WorkConsumer>,
+    /// Stream consumers, by upstream.
+    readers: HashMap<UpstreamId, WorkConsumer>,
     /// Told why when a work-queue consumer ends while it is still wanted; the connection is
     /// then made again, as after a broker fault.
     lost: mpsc::UnboundedSender<String>,
@@ -172,6 +182,7 @@ impl AmqpBackend {
                 reason: "connecting".into(),
             }),
             registry: RwLock::new(Registry::default()),
+            streams: std::sync::Mutex::new(HashMap::new()),
             session: tokio::sync::Mutex::new(None),
             publisher: tokio::sync::Mutex::new(None),
             shutdown: CancellationToken::new(),
@@ -252,6 +263,10 @@ impl Shared {
 
     fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
         self.registry.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stream_readers(&self) -> std::sync::MutexGuard<'_, HashMap<UpstreamId, Arc<StreamReader>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn route(&self, index: usize) -> Result<&RouteSpec, BackendError> {
@@ -340,9 +355,18 @@ impl Shared {
         }
         let mut declared = HashSet::new();
         for spec in self.routes.values() {
-            let Some(queue) = &spec.queue else { continue };
+            let (queue, is_stream) = match (&spec.queue, &spec.stream) {
+                (Some(queue), _) => (queue, false),
+                (None, Some(stream)) => (stream, true),
+                (None, None) => continue,
+            };
             let name = message::short("queue", queue).map_err(|e| e.to_string())?;
-            if declared.insert(queue.clone()) {
+            let first = declared.insert(queue.clone());
+            if first && is_stream {
+                declare_stream(&connection, name.clone())
+                    .await
+                    .map_err(|e| format!("declaring stream {queue:?}: {}", describe(&e)))?;
+            } else if first {
                 topology
                     .queue_declare(
                         name.clone(),
@@ -410,6 +434,7 @@ impl Shared {
             topology: Some(topology),
             queue: queue.name().clone(),
             work: HashMap::new(),
+            readers: HashMap::new(),
             lost,
         };
         let sources = self.registry().sources();
@@ -419,6 +444,16 @@ impl Shared {
                     return Err(e.to_string());
                 }
                 tracing::error!(backend = %self.name, ?source, error = %e, "cannot re-establish an upstream subscription");
+            }
+        }
+        // Each stream upstream resumes after the last offset it read.
+        let readers: Vec<_> = self.stream_readers().values().cloned().collect();
+        for reader in &readers {
+            if let Err(e) = live.open_stream(self, reader).await {
+                if !status.connected() {
+                    return Err(e.to_string());
+                }
+                tracing::error!(backend = %self.name, stream = %reader.stream, error = %e, "cannot re-establish a stream subscription");
             }
         }
         *session = Some(live);
@@ -611,6 +646,43 @@ impl Shared {
     }
 }
 
+/// Declares a stream unless it exists. An existing stream is used as it is: declaring it again
+/// would fail unless every argument (its retention, say) were repeated.
+async fn declare_stream(connection: &Connection, name: ShortString) -> lapin::Result<()> {
+    let probe = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match probe
+        .queue_declare(name.clone(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = probe.close(200, "declared".into()).await;
+            return Ok(());
+        }
+        // The broker closed the probe's channel with its answer.
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(e),
+    }
+    let channel = connection.create_channel().await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("stream")),
+    );
+    let declared = channel
+        .queue_declare(name, QueueDeclareOptions::durable(), arguments)
+        .await;
+    let _ = channel.close(200, "declared".into()).await;
+    declared.map(|_| ())
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
 async fn ack(channel: &Channel, tag: u64) -> lapin::Result<()> {
     channel
         .basic_ack(tag, BasicAckOptions { multiple: true })
@@ -632,6 +704,17 @@ impl RouteSpec {
             ExchangeType::Fanout => "",
             ExchangeType::Topic | ExchangeType::Direct => filter,
         }
+    }
+
+    /// Why a subscription on this route cannot start from a position.
+    fn no_positions(&self) -> String {
+        let reads = match &self.queue {
+            Some(queue) => format!("reads the work queue {queue:?}"),
+            None => format!("binds to exchange {:?}", self.exchange),
+        };
+        format!(
+            "only stream routes keep positions; this route {reads}, which keeps no history, so only \"from\": \"latest\" is possible"
+        )
     }
 
     /// Where an upstream for `filter` on this route gets its messages.
@@ -761,6 +844,86 @@ impl Session {
         }
     }
 
+    /// Opens a consumer of `reader`'s stream at the next offset it wants (at first, its start).
+    async fn open_stream(
+        &mut self,
+        shared: &Arc<Shared>,
+        reader: &Arc<StreamReader>,
+    ) -> Result<(), BackendError> {
+        let what = format!("reading stream {:?}", reader.stream);
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| broker_error(&e, &what))?;
+        // Streams are read with manual acks and a bounded prefetch; the acks give the credit.
+        channel
+            .basic_qos(shared.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| broker_error(&e, &what))?;
+        let (generation, offset) = reader.reopen();
+        let mut arguments = FieldTable::default();
+        arguments.insert(message::STREAM_OFFSET.into(), offset);
+        let consumer = channel
+            .basic_consume(
+                message::short("stream", &reader.stream)?,
+                "".into(),
+                BasicConsumeOptions::default(),
+                arguments,
+            )
+            .await
+            .map_err(|e| broker_error(&e, &what))?;
+        let tag = consumer.tag();
+        let (worker, own, lost) = (shared.clone(), reader.clone(), self.lost.clone());
+        let consume_channel = channel.clone();
+        tokio::spawn(async move {
+            let read = worker.read_stream(&own, generation, &consume_channel, consumer);
+            let reason = contain::future(read).await.unwrap_or_else(|panic| {
+                worker.panics.inc();
+                tracing::error!(backend = %worker.name, stream = %own.stream, %panic, "an AMQP stream consumer panicked");
+                format!("the consumer failed ({panic})")
+            });
+            // Unsubscribed or replaced by the consumer of a new connection, it is not missed.
+            // Otherwise (the broker cancelled it, its channel failed) its subscribers would get
+            // nothing more: make the connection again, which resumes it where it stopped.
+            if own.is_current(generation) {
+                tracing::warn!(backend = %worker.name, stream = %own.stream, %reason, "an AMQP stream consumer ended while subscribed; reconnecting");
+                let _ = lost.send(format!(
+                    "the consumer of stream {:?} ended ({reason})",
+                    own.stream
+                ));
+            } else {
+                tracing::debug!(backend = %worker.name, stream = %own.stream, %reason, "stream consumer ended");
+            }
+            if consume_channel.status().connected() {
+                let _ = consume_channel.close(200, "unsubscribed".into()).await;
+            }
+        });
+        if let Some(old) = self
+            .readers
+            .insert(reader.id, WorkConsumer { channel, tag })
+            && old.channel.status().connected()
+        {
+            let _ = old.channel.close(200, "replaced".into()).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the consumer of an unsubscribed stream upstream.
+    async fn close_stream(&mut self, id: UpstreamId) -> Result<(), BackendError> {
+        let Some(consumer) = self.readers.remove(&id) else {
+            return Ok(());
+        };
+        if !consumer.channel.status().connected() {
+            return Ok(());
+        }
+        consumer
+            .channel
+            .close(200, "unsubscribed".into())
+            .await
+            .map_err(|e| broker_error(&e, "closing a stream consumer's channel"))
+    }
+
     /// Removes what the broker holds for a source nobody uses any more.
     async fn close(&mut self, source: &Source) -> Result<(), BackendError> {
         match source {
@@ -794,9 +957,26 @@ impl Session {
 impl Backend for AmqpBackend {
     async fn subscribe(&self, subscription: Subscription) -> Result<(), BackendError> {
         let shared = &self.shared;
-        let source = shared
-            .route(subscription.route)?
-            .source(&subscription.filter)?;
+        let spec = shared.route(subscription.route)?;
+        if let Some(stream) = &spec.stream {
+            let reader = Arc::new(StreamReader::new(stream, subscription)?);
+            let mut session = shared.session.lock().await;
+            let Some(live) = session.as_mut() else {
+                return Err(unavailable(down_reason(&shared.health)));
+            };
+            // Listed first, so that an unsubscribe after an abandoned subscribe finds it.
+            shared.stream_readers().insert(reader.id, reader.clone());
+            let opened = live.open_stream(shared, &reader).await;
+            if opened.is_err() {
+                reader.stop();
+                shared.stream_readers().remove(&reader.id);
+            }
+            return opened;
+        }
+        if subscription.start != StartPosition::Latest {
+            return Err(BackendError::Unsupported(spec.no_positions()));
+        }
+        let source = spec.source(&subscription.filter)?;
         let mut session = shared.session.lock().await;
         let Some(live) = session.as_mut() else {
             return Err(unavailable(down_reason(&shared.health)));
@@ -816,6 +996,14 @@ impl Backend for AmqpBackend {
     async fn unsubscribe(&self, id: UpstreamId) -> Result<(), BackendError> {
         let shared = &self.shared;
         let mut session = shared.session.lock().await;
+        let reader = shared.stream_readers().remove(&id);
+        if let Some(reader) = reader {
+            reader.stop();
+            return match session.as_mut() {
+                Some(live) => live.close_stream(id).await,
+                None => Ok(()),
+            };
+        }
         let Some((source, left)) = shared.registry_mut().remove(id) else {
             return Ok(());
         };
@@ -890,7 +1078,7 @@ impl Backend for AmqpBackend {
     }
 
     fn upstream_count(&self) -> usize {
-        self.shared.registry().source_count()
+        self.shared.registry().source_count() + self.shared.stream_readers().len()
     }
 
     async fn close(&self) {
