@@ -459,7 +459,7 @@ mod tests {
     fn the_example_config_is_valid() {
         let text = include_str!("../../../config/amqp.toml");
         let config = Config::from_toml_with_env(text, &|_| None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.routes().len(), 4);
+        assert_eq!(config.routes().len(), 5);
     }
 
     #[test]
@@ -597,6 +597,67 @@ mod tests {
             has("routes[5].topic: wildcard '*' is not allowed"),
             "{p:#?}"
         );
+    }
+
+    #[test]
+    fn stream_route_problems_name_their_key() {
+        let text = r##"
+            [backends.rabbit]
+            type = "amqp"
+            url = "amqp://127.0.0.1"
+            [[routes]]
+            channel = "a/{x}"
+            backend = "rabbit"
+            exchange = "amq.topic"
+            stream = "log"
+            queue = "jobs"
+            topic = "a.{x}"
+            allow = ["subscribe"]
+            [[routes]]
+            channel = "b/{x}"
+            backend = "rabbit"
+            exchange = ""
+            stream = "log"
+            topic = "b.{x}"
+            allow = ["subscribe"]
+            [[routes]]
+            channel = "c/{x}"
+            backend = "rabbit"
+            exchange = "amq.topic"
+            stream = "a log"
+            topic = "c.{x}"
+            allow = ["subscribe"]
+            [[routes]]
+            channel = "d/{x}"
+            backend = "rabbit"
+            exchange = "amq.direct"
+            stream = "log"
+            topic = "d.{x}"
+            allow = ["subscribe"]
+        "##;
+        let p = problems(text);
+        let has = |needle: &str| p.iter().any(|l| l.contains(needle));
+        assert!(
+            has("routes[0].stream: a route reads either a work queue (queue) or a stream"),
+            "{p:#?}"
+        );
+        assert!(
+            has("routes[1].exchange: a stream route publishes"),
+            "{p:#?}"
+        );
+        assert!(
+            has("routes[2].stream: the stream name \"a log\" may contain only"),
+            "{p:#?}"
+        );
+        assert!(
+            has("routes[3].stream: a stream on the direct exchange"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 4, "{p:#?}");
+
+        let valid = text.replace("queue = \"jobs\"\n", "");
+        let valid = &valid[..valid.find("[[routes]]\n            channel = \"b").unwrap()];
+        assert_eq!(problems(valid), Vec::<String>::new());
     }
 
     #[test]

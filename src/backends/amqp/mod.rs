@@ -3,8 +3,8 @@
 //! # How it works
 //!
 //! One connection per backend, named `wsbridge <backend> <instance>` so operators (and the fault
-//! tests) can tell it apart. A supervisor task connects, declares the configured exchanges and
-//! work queues, declares the gateway's *private queue* (server-named, exclusive, auto-delete),
+//! tests) can tell it apart. A supervisor task connects, declares the configured exchanges,
+//! work queues and streams, declares the gateway's *private queue* (server-named, exclusive, auto-delete),
 //! consumes it with a bounded prefetch, and re-establishes every active upstream; then it reports
 //! `Up`. When the connection is lost it reports `Down`, waits with exponential backoff and does
 //! it all again, so sockets keep their subscriptions without noticing more than two `status`
@@ -12,11 +12,13 @@
 //!
 //! Subscriptions ([`registry`]): an upstream on a normal route is a binding of the private queue
 //! (exchange + binding key rendered from the client pattern, `+` → `*`, `#` → `#`); an upstream
-//! on a work-queue route is a consumer of that shared durable queue. Both are reference-counted,
-//! so two upstreams needing the same binding share it. A delivery arrives once per queue
-//! whichever bindings match; it is dispatched to every upstream whose filter matches its routing
-//! key, once each, then acknowledged. Acks are batched (`multiple`) and sent once the message has
-//! been handed to the fan-out, which never blocks, so a slow socket never stalls the consumer.
+//! on a work-queue route is a consumer of that shared durable queue; an upstream on a stream route
+//! is a consumer of its own of that stream, read from a position ([`stream`]). Bindings and
+//! work-queue consumers are reference-counted, so two upstreams needing the same binding share
+//! it. A delivery arrives once per queue whichever bindings match; it is dispatched to every
+//! upstream whose filter matches its routing key, once each, then acknowledged. Acks are batched
+//! (`multiple`) and sent once the message has been handed to the fan-out, which never blocks, so
+//! a slow socket never stalls the consumer.
 //!
 //! Publishes go through one channel in confirm mode: the client's `ok` waits for the broker's
 //! ack. A nack, a returned (unroutable, `mandatory`) message, a channel error or the confirm
