@@ -6,7 +6,7 @@ mod amqp_support;
 mod common;
 
 use amqp_support::{URL, close_connections, delete_queue, pika_publish, start_connected};
-use common::{Client, unique};
+use common::{Client, flood, http_get, unique};
 use serde_json::{Value, json};
 
 /// A backend `backend` with a transient topic exchange `exchange` and two routes on it: one that
@@ -334,6 +334,45 @@ async fn an_offset_the_stream_no_longer_holds_is_reported_as_a_gap() {
     assert!(available > 0, "{gap}");
     let first = take(&mut client, 1).await.remove(0);
     assert_eq!(first.1, available);
+    gw.shutdown().await;
+    delete_queue(&stream).await;
+}
+
+#[tokio::test]
+async fn a_replay_waits_for_a_slow_client_instead_of_dropping_messages() {
+    let (exchange, stream) = (unique("wsb.streams."), unique("wsb.log."));
+    let text = format!(
+        "[server]\nqueue_capacity = 64\n[limits]\npublish_per_second = 0\npublish_bytes_per_second = 0\n{}",
+        config("rabbit", &exchange, &stream)
+    );
+    let gw = start_connected(&text).await;
+    let addr = gw.local_addr();
+    // 1000 messages of 16 KiB (16 MB): far more than socket buffers and a 64-message queue hold.
+    let mut publisher = Client::connect(addr).await;
+    flood(&mut publisher, "telemetry/a", 1000, 16 * 1024).await;
+
+    let mut replay = Client::connect(addr).await;
+    let ok = subscribe_from(&mut replay, "telemetry/+", json!("earliest")).await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    // The client reads nothing for a while (well within the write timeout), so its socket and
+    // its queue fill up; the replay waits for it instead of dropping what does not fit.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut seqs = Vec::new();
+    for n in 0..1000 {
+        let frame = replay.recv().await;
+        assert_eq!(frame["type"], "message", "frame {n}: {frame}");
+        seqs.extend(frame["payload"]["seq"].as_u64());
+    }
+    // (Publishes that are in flight together may reach the stream in any order.)
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..1000).collect::<Vec<u64>>(), "every message, once");
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("wsbridge_dropped_total") && !l.ends_with(" 0")),
+        "nothing was dropped:\n{metrics}"
+    );
     gw.shutdown().await;
     delete_queue(&stream).await;
 }
