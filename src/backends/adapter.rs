@@ -272,3 +272,52 @@ pub struct Kind {
     pub name: &'static str,
     pub parse: ParseSettings,
 }
+
+/// Delay before reconnection attempt `attempt` (0-based): `min` doubling up to `max`, with up to
+/// a quarter taken off at random, so many connections lost at once (a fleet of gateways, the
+/// topics of one feed) do not reconnect in lockstep. For adapters' reconnect loops.
+pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let base = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let jitter = base.mul_f64(random_fraction() * 0.25);
+    base.saturating_sub(jitter).max(min.min(base))
+}
+
+/// A number in [0, 1) from the standard library's per-process random hash keys: enough for
+/// jitter and generated names, not for secrets.
+pub fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        assert_eq!(backoff(0, min, max), min, "the first delay is the minimum");
+        for attempt in 0..40 {
+            let d = backoff(attempt, min, max);
+            let base = min.saturating_mul(1 << attempt.min(16)).min(max);
+            assert!(d <= base && d >= base.mul_f64(0.75), "{attempt}: {d:?}");
+        }
+        assert!(backoff(u32::MAX, min, max) <= max);
+    }
+
+    #[test]
+    fn random_fractions_are_in_range() {
+        assert!(
+            (0..1000)
+                .map(|_| random_fraction())
+                .all(|f| (0.0..1.0).contains(&f))
+        );
+    }
+}

@@ -8,7 +8,7 @@
 //! queue, which rumqttc always serves first.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rumqttc::v5;
@@ -17,7 +17,8 @@ use rumqttc::v5::mqttbytes::v5 as packet5;
 use rumqttc::{TlsConfiguration, Transport};
 
 use super::config::{MqttConfig, ProtocolVersion, Qos, load_certificates, load_private_key};
-use crate::backends::adapter::{BackendError, BrokerMessage};
+pub use crate::backends::adapter::backoff;
+use crate::backends::adapter::{BackendError, BrokerMessage, random_fraction};
 
 /// Requests queued for the event loop at most; beyond this, requests fail with
 /// `backend_unavailable` instead of waiting. The queue grows only as far as it is used.
@@ -568,27 +569,6 @@ fn translate_outgoing(outgoing: rumqttc::Outgoing) -> LinkEvent {
     }
 }
 
-/// How long to wait before the next reconnection attempt: doubling from `min` to `max`, with up
-/// to a quarter taken off at random so a fleet of gateways does not reconnect in lockstep.
-pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
-    let base = min.saturating_mul(1u32 << attempt.min(16)).min(max);
-    let jitter = base.mul_f64(random_fraction() * 0.25);
-    base.saturating_sub(jitter).max(min.min(base))
-}
-
-/// A number in [0, 1) from the standard library's per-process random hash keys.
-fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// A client id unique to this gateway instance: `{prefix}-{12 hex digits}`.
 pub fn client_id(prefix: &str) -> String {
     let random = (random_fraction() * (1u64 << 48) as f64) as u64;
@@ -598,17 +578,6 @@ pub fn client_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
-        for attempt in 0..40 {
-            let d = backoff(attempt, min, max);
-            let base = min.saturating_mul(1 << attempt.min(16)).min(max);
-            assert!(d <= base && d >= base.mul_f64(0.75), "{attempt}: {d:?}");
-        }
-        assert!(backoff(30, min, max) <= max);
-    }
 
     #[test]
     fn client_ids_are_unique_and_prefixed() {

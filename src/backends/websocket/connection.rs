@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::config::WebsocketConfig;
-use crate::backends::adapter::{BackendError, BrokerMessage, MessageSink, UpstreamId, contain};
+use crate::backends::adapter::{
+    BackendError, BrokerMessage, MessageSink, UpstreamId, backoff, contain,
+};
 
 /// How long closing a connection waits for the close frame to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -247,7 +249,7 @@ async fn run(shared: &Shared, link: &Link, outgoing: &mut mpsc::Receiver<Outgoin
             },
         );
         let delay = backoff(
-            failures.saturating_sub(1),
+            u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX),
             config.reconnect_min_delay,
             config.reconnect_max_delay,
         );
@@ -441,44 +443,9 @@ fn read_error(error: tungstenite::Error, config: &WebsocketConfig) -> String {
     }
 }
 
-/// Delay before reconnection attempt `attempt` (0-based): `min` doubling up to `max`, with up
-/// to a quarter taken off at random so many topics lost at once do not reconnect in step.
-pub fn backoff(attempt: u64, min: Duration, max: Duration) -> Duration {
-    let base = min.saturating_mul(1u32 << attempt.min(16)).min(max);
-    let jitter = base.mul_f64(random_fraction() * 0.25);
-    base.saturating_sub(jitter).max(min.min(base))
-}
-
-/// A number in [0, 1) from the standard library's per-process random hash keys.
-fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
-        let first = backoff(0, min, max);
-        assert_eq!(first, min, "the first delay is the minimum");
-        let fourth = backoff(3, min, max);
-        assert!(
-            fourth <= Duration::from_millis(800) && fourth >= Duration::from_millis(600),
-            "{fourth:?}"
-        );
-        assert!(backoff(40, min, max) <= max);
-        assert!(backoff(40, min, max) >= max.mul_f64(0.75));
-    }
 
     struct Counter(std::sync::Mutex<Vec<Bytes>>);
 
